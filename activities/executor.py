@@ -1,0 +1,108 @@
+"""The executor interface and the activities that drive it.
+
+An executor prepares a run's environment, runs its dbt steps, collects artifacts and cleans
+up. Two implementations share this interface: ``local`` (subprocesses, the embedded
+default) and, later, ``k8s`` (a pod per run). The activities below are the only callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from temporalio import activity
+
+from workflows.models import (
+    ArtifactsInput,
+    ArtifactsResult,
+    CleanupInput,
+    DropSchemaInput,
+    PreparedRun,
+    PrepareInput,
+    StepInput,
+    StepOutcome,
+)
+
+T = TypeVar("T")
+
+Progress = Callable[[str], None]
+"""Called with a line of output, or a short note, whenever the step makes progress."""
+
+
+class Executor(Protocol):
+    """Where dbt runs. Errors are raised as ``ApplicationError`` from ``workflows.errors``."""
+
+    async def prepare(self, request: PrepareInput) -> PreparedRun: ...
+
+    async def run_step(self, request: StepInput, progress: Progress) -> StepOutcome: ...
+
+    async def collect_artifacts(self, request: ArtifactsInput) -> ArtifactsResult: ...
+
+    async def cleanup(self, request: CleanupInput) -> None: ...
+
+    async def drop_schema(self, request: DropSchemaInput) -> None: ...
+
+
+HEARTBEAT_EVERY = 5.0
+"""Seconds between liveness heartbeats while a step runs without printing anything."""
+
+
+class ExecutorActivities:
+    """Temporal activities over an ``Executor``. Names are pinned: they are in histories."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+
+    @activity.defn(name="prepare_run")
+    async def prepare_run(self, request: PrepareInput) -> PreparedRun:
+        return await self._with_heartbeats(self._executor.prepare(request))
+
+    @activity.defn(name="run_step")
+    async def run_step(self, request: StepInput) -> StepOutcome:
+        last_line = ""
+
+        def progress(line: str) -> None:
+            nonlocal last_line
+            last_line = line[-200:]
+
+        async def beat() -> None:
+            # A worker that is alive heartbeats; a dead worker stops and the step times out
+            # on STEP_HEARTBEAT_TIMEOUT. A hung dbt process is bounded by the run timeout,
+            # which the executor enforces inside the activity too.
+            while True:
+                activity.heartbeat(last_line)
+                await asyncio.sleep(HEARTBEAT_EVERY)
+
+        ticker = asyncio.create_task(beat())
+        try:
+            return await self._executor.run_step(request, progress)
+        finally:
+            ticker.cancel()
+
+    @activity.defn(name="collect_artifacts")
+    async def collect_artifacts(self, request: ArtifactsInput) -> ArtifactsResult:
+        return await self._with_heartbeats(self._executor.collect_artifacts(request))
+
+    @activity.defn(name="cleanup_run")
+    async def cleanup_run(self, request: CleanupInput) -> None:
+        await self._with_heartbeats(self._executor.cleanup(request))
+
+    @activity.defn(name="drop_ci_schema")
+    async def drop_ci_schema(self, request: DropSchemaInput) -> None:
+        await self._with_heartbeats(self._executor.drop_schema(request))
+
+    @staticmethod
+    async def _with_heartbeats(work: Awaitable[T]) -> T:
+        """Heartbeat while ``work`` runs so cancellation and a dead worker are noticed."""
+
+        async def beat() -> None:
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(HEARTBEAT_EVERY)
+
+        ticker = asyncio.create_task(beat())
+        try:
+            return await work
+        finally:
+            ticker.cancel()

@@ -1,0 +1,1 @@
+"""Client side: the Temporal client, the CLI, the embedded stack and job operations."""

@@ -1,0 +1,94 @@
+"""Job operations over Temporal: save a job, trigger a run, cancel, describe.
+
+These are the calls the CLI and (next) the REST API make. A job's workflow is started on
+first save (``USE_EXISTING``: saving is idempotent) and reconfigured by update afterwards.
+"""
+
+from __future__ import annotations
+
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
+
+from workflows import constants as c
+from workflows.job import JobWorkflow, job_search_attributes
+from workflows.models import (
+    AccountSettings,
+    CancelRequest,
+    JobDefinition,
+    JobDescription,
+    JobUpdate,
+    JobWorkflowInput,
+    Resize,
+    RunResult,
+    RunStatus,
+    SlotsState,
+    TaskQueues,
+    TriggerRequest,
+    TriggerResult,
+)
+from workflows.slots import SlotsWorkflow
+
+
+async def save_job(
+    client: Client,
+    job: JobDefinition,
+    account: AccountSettings,
+    queues: TaskQueues | None = None,
+) -> JobDescription:
+    """Create the job's workflow, or reconfigure it (which also reactivates it)."""
+    queues = queues or TaskQueues()
+    inp = JobWorkflowInput(job=job, account=account, queues=queues)
+    start = WithStartWorkflowOperation(
+        JobWorkflow.run,
+        inp,
+        id=c.job_workflow_id(job.account_id, job.job_id),
+        task_queue=queues.workflows,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=job_search_attributes(inp),
+        static_summary=f"job {job.job_id}: {job.name}"[:200],
+    )
+    return await client.execute_update_with_start_workflow(
+        JobWorkflow.configure, JobUpdate(job=job, account=account), start_workflow_operation=start
+    )
+
+
+def job_handle(client: Client, account_id: str, job_id: str) -> WorkflowHandle[JobWorkflow, None]:
+    return client.get_workflow_handle_for(JobWorkflow.run, c.job_workflow_id(account_id, job_id))
+
+
+async def trigger(
+    client: Client, account_id: str, job_id: str, request: TriggerRequest
+) -> TriggerResult:
+    """Queue a run and return its id (raises ``WorkflowUpdateFailedError`` if refused)."""
+    return await job_handle(client, account_id, job_id).execute_update(
+        JobWorkflow.trigger, request
+    )
+
+
+async def cancel_run(
+    client: Client, account_id: str, job_id: str, run_id: str, reason: str = "Cancelled by user"
+) -> RunStatus:
+    return await job_handle(client, account_id, job_id).execute_update(
+        JobWorkflow.cancel_run, CancelRequest(run_id=run_id, reason=reason)
+    )
+
+
+async def describe_job(client: Client, account_id: str, job_id: str) -> JobDescription:
+    return await job_handle(client, account_id, job_id).query(JobWorkflow.describe)
+
+
+async def run_result(client: Client, account_id: str, run_id: str) -> RunResult:
+    handle = client.get_workflow_handle(c.run_workflow_id(account_id, run_id), result_type=RunResult)
+    return await handle.result()
+
+
+async def describe_slots(client: Client, account_id: str) -> SlotsState:
+    return await client.get_workflow_handle_for(
+        SlotsWorkflow.run, c.slots_workflow_id(account_id)
+    ).query(SlotsWorkflow.describe)
+
+
+async def resize_slots(client: Client, account_id: str, capacity: int) -> SlotsState:
+    return await client.get_workflow_handle_for(
+        SlotsWorkflow.run, c.slots_workflow_id(account_id)
+    ).execute_update(SlotsWorkflow.resize, Resize(capacity=capacity))

@@ -1,0 +1,78 @@
+"""Small builders for jobs and accounts in tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client
+
+from starter import jobs
+from workflows.models import (
+    AccountSettings,
+    Environment,
+    JobDefinition,
+    JobDescription,
+    JobTriggers,
+    JobType,
+    RunResult,
+    RunStatus,
+)
+
+
+def account(account_id: str, **kw: Any) -> AccountSettings:
+    kw.setdefault("run_slots", 1)
+    kw.setdefault("slot_reap_interval", timedelta(seconds=2))
+    return AccountSettings(account_id=account_id, **kw)
+
+
+def job(
+    account_id: str,
+    job_id: str,
+    steps: list[str] | None = None,
+    *,
+    job_type: JobType = JobType.SCHEDULED,
+    triggers: JobTriggers | None = None,
+    project_dir: str = "/fake/project",
+    **kw: Any,
+) -> JobDefinition:
+    return JobDefinition(
+        account_id=account_id,
+        job_id=job_id,
+        name=f"job {job_id}",
+        job_type=job_type,
+        environment=Environment(project_dir=project_dir),
+        execute_steps=steps or ["dbt run -s ok"],
+        triggers=triggers or JobTriggers(),
+        **kw,
+    )
+
+
+async def wait_for(
+    probe: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll an async or sync probe until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = probe()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or probe}")
+        await asyncio.sleep(interval)
+
+
+async def finished_runs(client: Client, account_id: str, job_id: str) -> JobDescription:
+    return await jobs.describe_job(client, account_id, job_id)
+
+
+async def wait_run(client: Client, account_id: str, run_id: str, timeout: float = 60) -> RunResult:
+    return await asyncio.wait_for(jobs.run_result(client, account_id, run_id), timeout)
+
+
+def statuses(desc: JobDescription) -> dict[str, RunStatus]:
+    return {r.run_id: r.status for r in desc.state.recent}

@@ -1,0 +1,108 @@
+"""The ONE list of workflows and activities, used by the worker main and by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.control import CONTROL_ACTIVITIES
+from activities.executor import Executor, ExecutorActivities
+from activities.telemetry import TelemetryActivities, TelemetrySink
+from workflows.models import TaskQueues
+from workflows.job import JobWorkflow
+from workflows.run import RunWorkflow
+from workflows.slots import SlotsWorkflow
+
+WORKFLOWS: Sequence[type] = (JobWorkflow, RunWorkflow, SlotsWorkflow)
+
+PASSTHROUGH_MODULES = ("croniter", "dateutil", "yaml", "psutil", "activities", "workflows")
+"""Imported once outside the sandbox: deterministic code (models, policy) and heavy or
+import-time-impure modules (croniter calls platform at import)."""
+
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+    )
+
+
+@dataclass
+class Pools:
+    """Everything the workers need from the outside world."""
+
+    executor: Executor
+    telemetry: TelemetrySink
+
+
+def build_workers(
+    client: Client,
+    pools: Pools,
+    *,
+    which: Sequence[str] = ("workflows", "steps", "telemetry"),
+    queues: TaskQueues | None = None,
+    max_concurrent_steps: int = 4,
+    step_activities_per_second: float | None = None,
+    max_cached_workflows: int = 1000,
+    graceful_shutdown_seconds: float = 30.0,
+) -> list[Worker]:
+    """Build the worker of each pool named in ``which``.
+
+    ``queues`` lets tests run isolated stacks against one server (fresh queue names).
+    """
+    queues = queues or TaskQueues()
+    workers: list[Worker] = []
+    executor_acts = ExecutorActivities(pools.executor)
+    if "workflows" in which:
+        workers.append(
+            Worker(
+                client,
+                task_queue=queues.workflows,
+                workflows=list(WORKFLOWS),
+                # Local activities run on the workflow worker (slot requests, liveness).
+                activities=list(CONTROL_ACTIVITIES),
+                workflow_runner=workflow_runner(),
+                max_cached_workflows=max_cached_workflows,
+                graceful_shutdown_timeout=_seconds(graceful_shutdown_seconds),
+            )
+        )
+    if "steps" in which:
+        step_activities: list[Callable[..., Any]] = [
+            executor_acts.prepare_run,
+            executor_acts.run_step,
+            executor_acts.collect_artifacts,
+            executor_acts.cleanup_run,
+            executor_acts.drop_ci_schema,
+        ]
+        workers.append(
+            Worker(
+                client,
+                task_queue=queues.steps,
+                activities=step_activities,
+                max_concurrent_activities=max_concurrent_steps,
+                max_task_queue_activities_per_second=step_activities_per_second,
+                graceful_shutdown_timeout=_seconds(graceful_shutdown_seconds),
+            )
+        )
+    if "telemetry" in which:
+        telemetry = TelemetryActivities(pools.telemetry)
+        workers.append(
+            Worker(
+                client,
+                task_queue=queues.telemetry,
+                activities=[telemetry.emit_run_telemetry],
+                max_concurrent_activities=50,
+                graceful_shutdown_timeout=_seconds(5.0),
+            )
+        )
+    return workers
+
+
+def _seconds(value: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=value)

@@ -1,0 +1,1 @@
+"""Temporal workflows and the payload models they exchange."""

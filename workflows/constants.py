@@ -1,0 +1,104 @@
+"""Task queues, workflow ids, search attributes, timeouts and retry policies.
+
+Every name Temporal sees is pinned here, so renaming a class never orphans running workflows.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy, SearchAttributeKey
+
+from workflows.errors import ErrorType
+
+# --- task queues: one worker pool each (defaults of models.TaskQueues)
+WORKFLOW_TASK_QUEUE = "runslot-workflows"
+STEP_TASK_QUEUE = "runslot-steps"
+"""Prep and dbt steps. Rate-limited so a backlog cannot stampede the executor."""
+TELEMETRY_TASK_QUEUE = "runslot-telemetry"
+"""Telemetry and notifications: isolated, nothing there can slow or fail a run."""
+
+# --- workflow type names
+JOB_WORKFLOW = "JobWorkflow"
+RUN_WORKFLOW = "RunWorkflow"
+SLOTS_WORKFLOW = "SlotsWorkflow"
+
+# --- handler names
+SIGNAL_TRIGGER = "trigger"
+UPDATE_TRIGGER = "trigger"
+UPDATE_CONFIGURE = "configure"
+UPDATE_CANCEL_RUN = "cancel_run"
+SIGNAL_CANCEL_RUN = "cancel_run"
+SIGNAL_PR_CLOSED = "pull_request_closed"
+SIGNAL_RUN_FINISHED = "run_finished"
+SIGNAL_UPSTREAM_FINISHED = "upstream_finished"
+QUERY_DESCRIBE = "describe"
+SIGNAL_SLOT_REQUEST = "request"
+SIGNAL_SLOT_RELEASE = "release"
+SIGNAL_SLOT_GRANTED = "slot_granted"
+UPDATE_RESIZE = "resize"
+SIGNAL_RESIZE = "resize"
+
+# --- search attributes (all registered by `runslot dev` and the test fixtures)
+SA_ACCOUNT = SearchAttributeKey.for_keyword("RunslotAccount")
+SA_JOB = SearchAttributeKey.for_keyword("RunslotJob")
+SA_RUN = SearchAttributeKey.for_keyword("RunslotRun")
+SA_CAUSE = SearchAttributeKey.for_keyword("RunslotCause")
+SA_STATUS = SearchAttributeKey.for_keyword("RunslotStatus")
+SA_UPSTREAM = SearchAttributeKey.for_keyword_list("RunslotUpstreamJobs")
+"""On a job workflow: the jobs whose completion triggers it (rule 7)."""
+SEARCH_ATTRIBUTES = (SA_ACCOUNT, SA_JOB, SA_RUN, SA_CAUSE, SA_STATUS, SA_UPSTREAM)
+
+
+def job_workflow_id(account_id: str, job_id: str) -> str:
+    return f"job:{account_id}:{job_id}"
+
+
+def run_workflow_id(account_id: str, run_id: str) -> str:
+    return f"run:{account_id}:{run_id}"
+
+
+def slots_workflow_id(account_id: str) -> str:
+    return f"slots:{account_id}"
+
+
+def ci_schema_name(job_id: str, pr_id: int) -> str:
+    """dbt Cloud's temporary schema for a pull request's CI runs."""
+    return f"dbt_cloud_pr_{job_id}_{pr_id}".replace("-", "_").replace(".", "_")
+
+
+# --- limits
+MAX_QUEUED_RUNS_PER_JOB = 100
+RECENT_RUNS_KEPT = 25
+DEDUPE_KEYS_KEPT = 200
+REJECTED_KEPT = 20
+SLOT_LEASE_GRACE = timedelta(minutes=10)
+DEFAULT_REAP_INTERVAL = timedelta(seconds=30)
+ORPHAN_CHECK_INTERVAL = timedelta(minutes=1)
+"""How often a job checks runs it carried across continue-as-new (no child handle for them)."""
+
+# --- activity timeouts
+PREP_TIMEOUT = timedelta(minutes=15)
+ARTIFACTS_TIMEOUT = timedelta(minutes=5)
+CLEANUP_TIMEOUT = timedelta(minutes=5)
+STEP_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+TELEMETRY_TIMEOUT = timedelta(seconds=10)
+LOCAL_ACTIVITY_TIMEOUT = timedelta(seconds=10)
+VISIBILITY_ACTIVITY_TIMEOUT = timedelta(seconds=30)
+
+# --- retry policies
+STEP_RETRY = RetryPolicy(maximum_attempts=1)
+"""dbt steps have side effects: never retried by Temporal; a failed step fails the run."""
+PREP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=3,
+    non_retryable_error_types=list(ErrorType.NON_RETRYABLE),
+)
+TELEMETRY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
+"""Bounded: telemetry retries can never pile up (the dbt Cloud incident of February 2026)."""
+CONTROL_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+    maximum_attempts=5,
+)

@@ -1,0 +1,532 @@
+"""JobWorkflow ``job:{account}:{job}``: a job as a long-lived entity.
+
+It owns the job's cron loop and trigger queue, applies the queue rules of ``policy`` and
+starts one RunWorkflow per run (child, parent-close ABANDON). A run reports its end by the
+``run_finished`` signal; the job also watches the child's result, so a run *terminated* from
+the CLI (which cannot signal) still frees the job's queue. Signals never raise: a message
+the job cannot use is logged and kept in a small ``rejected`` list. Updates validate first,
+so a bad trigger is refused before it touches history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RawValue, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import (
+    ActivityError,
+    CancelledError,
+    ChildWorkflowError,
+    TerminatedError,
+    WorkflowAlreadyStartedError,
+)
+from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.control import closed_workflows, notify_dependents
+    from workflows import constants as c
+    from workflows import policy
+    from workflows.models import (
+        CancelRequest,
+        DropSchemaInput,
+        FinishedRun,
+        HolderLiveness,
+        InFlightRun,
+        JobDescription,
+        JobState,
+        JobUpdate,
+        JobWorkflowInput,
+        NotifyDependentsInput,
+        PullRequestClosed,
+        QueuedRun,
+        RunFinished,
+        RunInput,
+        RunResult,
+        RunStatus,
+        TriggerCause,
+        TriggerRequest,
+        TriggerResult,
+        UpstreamFinished,
+    )
+    from workflows.run import RunWorkflow, initial_search_attributes
+
+MIN_WAIT = timedelta(seconds=1)
+
+
+@workflow.defn(name=c.JOB_WORKFLOW)
+class JobWorkflow:
+    @workflow.init
+    def __init__(self, inp: JobWorkflowInput) -> None:
+        self.job = inp.job
+        self.account = inp.account
+        self.st = inp.state or JobState()
+        self.queues = inp.queues
+        self._dirty = True
+        self._cancels: list[policy.Cancellation] = []
+        self._orphan_check_at: datetime | None = None
+
+    @workflow.run
+    async def run(self, inp: JobWorkflowInput) -> None:
+        if self.st.last_cron_fire is None:
+            # A new job fires at its next tick, never for ticks before it existed.
+            self.st.last_cron_fire = workflow.now()
+        while True:
+            now = workflow.now()
+            self._fire_cron_if_due(now)
+            self._expire_queue(now)
+            await self._send_cancels()
+            await self._start_ready()
+            await self._flush_side_effects()
+            await self._check_orphans()
+            if workflow.info().is_continue_as_new_suggested():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if not self._dirty and not self._cancels:
+                    self._continue_as_new()
+            self._dirty = False
+            timeout = self._next_wakeup()
+            try:
+                await workflow.wait_condition(
+                    lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
+                    timeout=timeout,
+                    timeout_summary="next cron tick / queue deadline",
+                )
+            except TimeoutError:
+                pass
+
+    def _continue_as_new(self) -> None:
+        self.st.generation += 1
+        workflow.continue_as_new(
+            JobWorkflowInput(
+                job=self.job, account=self.account, state=self.st, queues=self.queues
+            )
+        )
+
+    # ------------------------------------------------------------------ triggers
+
+    @workflow.update(name=c.UPDATE_TRIGGER)
+    def trigger(self, req: TriggerRequest) -> TriggerResult:
+        """Queue a run; returns its id at once. Repeats of a dedupe key return the first id."""
+        return self._accept(req)
+
+    @trigger.validator
+    def _validate_trigger(self, req: TriggerRequest) -> None:
+        policy.check_trigger(self.job, self.st, req)
+
+    @workflow.signal(name=c.SIGNAL_TRIGGER)
+    def trigger_signal(self, raw: Any) -> None:
+        """Signal form of ``trigger`` for ``temporal workflow signal`` (fire and forget)."""
+        try:
+            req = TriggerRequest.model_validate(raw)
+            policy.check_trigger(self.job, self.st, req)
+            self._accept(req)
+        except Exception as err:  # noqa: BLE001 - a signal handler must never raise
+            self._reject("trigger", err)
+
+    def _accept(self, req: TriggerRequest) -> TriggerResult:
+        existing = policy.existing_run_for(self.st, req)
+        if existing is not None:
+            return TriggerResult(run_id=existing, deduplicated=True)
+        run_id = policy.allocate_run_id(self.job, self.st, req)
+        cancellations = policy.enqueue(self.job, self.st, req, run_id, workflow.now())
+        self._apply_cancellations(cancellations)
+        self._dirty = True
+        return TriggerResult(
+            run_id=run_id, cancelled_run_ids=[x.run_id for x in cancellations]
+        )
+
+    @workflow.signal(name=c.SIGNAL_UPSTREAM_FINISHED)
+    def upstream_finished(self, raw: Any) -> None:
+        """Rule 7: another job's run ended; run this job if it lists that job and status."""
+        try:
+            event = UpstreamFinished.model_validate(raw)
+            if not policy.completion_matches(self.job, event.job_id, event.status):
+                return
+            req = TriggerRequest(
+                cause=TriggerCause.JOB_COMPLETION,
+                cause_text=f"Triggered by run {event.run_id} of job {event.job_id} "
+                f"({event.status.humanized})",
+                dedupe_key=f"upstream:{event.job_id}:{event.run_id}",
+            )
+            policy.check_trigger(self.job, self.st, req)
+            self._accept(req)
+        except Exception as err:  # noqa: BLE001
+            self._reject("upstream_finished", err)
+
+    # ------------------------------------------------------------------ job management
+
+    @workflow.update(name=c.UPDATE_CONFIGURE)
+    def configure(self, upd: JobUpdate) -> JobDescription:
+        """Save the job: a new definition takes effect at once and reactivates the job."""
+        upstream_before = self._upstream()
+        self.job = upd.job
+        if upd.account is not None:
+            self.account = upd.account
+        policy.reactivate(self.st)
+        if self._upstream() != upstream_before:
+            workflow.upsert_search_attributes([c.SA_UPSTREAM.value_set(self._upstream())])
+        self._dirty = True
+        return self.describe()
+
+    @configure.validator
+    def _validate_configure(self, upd: JobUpdate) -> None:
+        if (upd.job.account_id, upd.job.job_id) != (self.job.account_id, self.job.job_id):
+            raise ValueError(
+                f"this workflow is job {self.job.job_id} of account {self.job.account_id}; "
+                f"got job {upd.job.job_id} of account {upd.job.account_id}"
+            )
+        if upd.account is not None and upd.account.account_id != self.job.account_id:
+            raise ValueError("account settings are for another account")
+
+    @workflow.update(name=c.UPDATE_CANCEL_RUN)
+    def cancel_run(self, req: CancelRequest) -> RunStatus:
+        """Cancel a queued run (leaves the queue at once) or a running one (its step is killed)."""
+        return self._cancel(req)
+
+    @cancel_run.validator
+    def _validate_cancel(self, req: CancelRequest) -> None:
+        if not self._is_known(req.run_id):
+            raise ValueError(
+                f"run {req.run_id} is not queued or running in job {self.job.job_id}"
+            )
+
+    @workflow.signal(name=c.SIGNAL_CANCEL_RUN)
+    def cancel_run_signal(self, raw: Any) -> None:
+        try:
+            req = CancelRequest.model_validate(raw)
+            self._validate_cancel(req)
+            self._cancel(req)
+        except Exception as err:  # noqa: BLE001
+            self._reject("cancel_run", err)
+
+    def _cancel(self, req: CancelRequest) -> RunStatus:
+        running = any(r.run_id == req.run_id for r in self.st.in_flight)
+        self._apply_cancellations([policy.Cancellation(req.run_id, req.reason, running=running)])
+        self._dirty = True
+        return RunStatus.RUNNING if running else RunStatus.CANCELLED
+
+    @workflow.signal(name=c.SIGNAL_PR_CLOSED)
+    def pull_request_closed(self, raw: Any) -> None:
+        """Rule 5: a closed PR cancels its runs and drops its temporary schema."""
+        try:
+            event = PullRequestClosed.model_validate(raw)
+            reason = f"Cancelled because pull request #{event.pr_id} was closed."
+            self._apply_cancellations(
+                [
+                    policy.Cancellation(q.run_id, reason, running=False)
+                    for q in self.st.queue
+                    if q.trigger.pr_id == event.pr_id
+                ]
+                + [
+                    policy.Cancellation(r.run_id, reason, running=True)
+                    for r in self.st.in_flight
+                    if r.pr_id == event.pr_id
+                ]
+            )
+            schema = c.ci_schema_name(self.job.job_id, event.pr_id)
+            if schema not in self.st.pending_schema_drops:
+                self.st.pending_schema_drops.append(schema)
+            self._dirty = True
+        except Exception as err:  # noqa: BLE001
+            self._reject("pull_request_closed", err)
+
+    @workflow.signal(name=c.SIGNAL_RUN_FINISHED)
+    def run_finished(self, raw: Any) -> None:
+        try:
+            self._on_finished(RunFinished.model_validate(raw))
+        except Exception as err:  # noqa: BLE001
+            self._reject("run_finished", err)
+
+    @workflow.signal(dynamic=True)
+    def unknown_signal(self, name: str, args: Sequence[RawValue]) -> None:
+        self._reject(name, ValueError(f"unknown signal {name!r}"))
+
+    @workflow.query(name=c.QUERY_DESCRIBE)
+    def describe(self) -> JobDescription:
+        return JobDescription(
+            job=self.job, account=self.account, state=self.st, next_cron_fire=self._next_cron()
+        )
+
+    # ------------------------------------------------------------------ rules
+
+    def _next_cron(self) -> datetime | None:
+        schedule = self.job.triggers.schedule
+        if schedule is None or self.job.job_type == "ci":
+            return None
+        base = self.st.last_cron_fire or workflow.now()
+        return policy.next_cron_fire(schedule.cron, schedule.timezone, base)
+
+    def _fire_cron_if_due(self, now: datetime) -> None:
+        due = self._next_cron()
+        if due is None or now < due:
+            return
+        # One fire however many ticks were missed (worker down): never a burst.
+        self.st.last_cron_fire = now
+        req = TriggerRequest(
+            cause=TriggerCause.SCHEDULED,
+            cause_text="Triggered by the job's schedule",
+            dedupe_key=f"cron:{due.isoformat()}",
+            scheduled_at=due,
+        )
+        try:
+            policy.check_trigger(self.job, self.st, req)
+        except policy.TriggerRejectedError as err:
+            self._reject("schedule", err)
+            return
+        self._accept(req)
+
+    def _expire_queue(self, now: datetime) -> None:
+        """Rule 9: queued runs past the account's max queue wait are cancelled."""
+        limit = self.account.max_queue_wait
+        for queued, waited in policy.expired_queued(self.st, now, limit):
+            self._apply_cancellations(
+                [
+                    policy.Cancellation(
+                        queued.run_id, policy.queue_timeout_message(waited, limit), running=False
+                    )
+                ]
+            )
+
+    def _apply_cancellations(self, cancellations: list[policy.Cancellation]) -> None:
+        for cancellation in cancellations:
+            if cancellation.running:
+                self._cancels.append(cancellation)
+                continue
+            queued = [q for q in self.st.queue if q.run_id == cancellation.run_id]
+            self.st.queue = [q for q in self.st.queue if q.run_id != cancellation.run_id]
+            for q in queued:
+                self._record(
+                    FinishedRun(
+                        run_id=q.run_id,
+                        cause=q.trigger.cause,
+                        status=RunStatus.CANCELLED,
+                        message=cancellation.message,
+                        finished_at=workflow.now(),
+                    )
+                )
+
+    async def _send_cancels(self) -> None:
+        cancels, self._cancels = self._cancels, []
+        for cancellation in cancels:
+            run = next((r for r in self.st.in_flight if r.run_id == cancellation.run_id), None)
+            if run is None:
+                continue
+            try:
+                await workflow.get_external_workflow_handle(run.workflow_id).signal(
+                    "cancel", cancellation.message
+                )
+            except Exception as err:  # noqa: BLE001 - a run that is gone reports itself
+                workflow.logger.warning("cancel of %s not delivered: %s", run.run_id, err)
+
+    async def _start_ready(self) -> None:
+        ready = policy.runs_to_start(self.job, self.st)
+        if ready:
+            await asyncio.gather(*(self._start_run(q) for q in ready))
+
+    async def _start_run(self, queued: QueuedRun) -> None:
+        self.st.queue = [q for q in self.st.queue if q.run_id != queued.run_id]
+        workflow_id = c.run_workflow_id(self.account.account_id, queued.run_id)
+        flight = InFlightRun(
+            run_id=queued.run_id,
+            workflow_id=workflow_id,
+            cause=queued.trigger.cause,
+            pr_id=queued.trigger.pr_id,
+            queued_at=queued.queued_at,
+            started_at=workflow.now(),
+            generation=self.st.generation,
+        )
+        self.st.in_flight.append(flight)
+        run_input = RunInput(
+            account=self.account,
+            job=self.job,
+            run_id=queued.run_id,
+            trigger=queued.trigger,
+            queued_at=queued.queued_at,
+            job_workflow_id=workflow.info().workflow_id,
+            queues=self.queues,
+        )
+        try:
+            handle = await workflow.start_child_workflow(
+                RunWorkflow.run,
+                run_input,
+                id=workflow_id,
+                task_queue=self.queues.workflows,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                search_attributes=initial_search_attributes(run_input),
+                static_summary=f"run {queued.run_id} of job {self.job.name} "
+                f"({queued.trigger.cause.value})",
+            )
+        except (WorkflowAlreadyStartedError, ChildWorkflowError) as err:
+            self._on_finished(
+                RunFinished(
+                    run_id=queued.run_id,
+                    status=RunStatus.ERROR,
+                    message=f"The run could not start: {err}",
+                )
+            )
+            return
+        asyncio.create_task(self._watch(flight, handle))  # noqa: RUF006 - lives with the workflow
+
+    async def _watch(self, flight: InFlightRun, handle: Any) -> None:
+        """Catch ends the run cannot report itself: terminate, timeout, a failed workflow."""
+        try:
+            result: RunResult = await handle
+            finished = RunFinished(
+                run_id=flight.run_id, status=result.status, message=result.status_message
+            )
+        except ChildWorkflowError as err:
+            finished = _finished_from_child_error(flight.run_id, err)
+        self._on_finished(finished)
+
+    async def _check_orphans(self) -> None:
+        """Runs carried across continue-as-new have no child handle: check on them slowly."""
+        carried = [r for r in self.st.in_flight if r.generation < self.st.generation]
+        if not carried:
+            self._orphan_check_at = None
+            return
+        now = workflow.now()
+        if self._orphan_check_at is None:
+            self._orphan_check_at = now + c.ORPHAN_CHECK_INTERVAL
+        if now < self._orphan_check_at:
+            return
+        self._orphan_check_at = now + c.ORPHAN_CHECK_INTERVAL
+        try:
+            closed = await workflow.execute_local_activity(
+                closed_workflows,
+                HolderLiveness(workflow_ids=[r.workflow_id for r in carried]),
+                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                retry_policy=c.CONTROL_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("orphan check failed: %s", err)
+            return
+        for run in carried:
+            if run.workflow_id in closed.workflow_ids:
+                self._on_finished(
+                    RunFinished(
+                        run_id=run.run_id,
+                        status=RunStatus.CANCELLED,
+                        message="The run's workflow ended without reporting (terminated?)",
+                    )
+                )
+
+    def _on_finished(self, finished: RunFinished) -> None:
+        flight = next((r for r in self.st.in_flight if r.run_id == finished.run_id), None)
+        if flight is None:
+            return  # already recorded (signal and child result both arrive)
+        self.st.in_flight = [r for r in self.st.in_flight if r.run_id != finished.run_id]
+        self._record(
+            FinishedRun(
+                run_id=finished.run_id,
+                cause=flight.cause,
+                status=finished.status,
+                message=finished.message,
+                finished_at=finished.finished_at or workflow.now(),
+            )
+        )
+        if not policy.is_ci(self.job, TriggerRequest(cause=flight.cause, pr_id=flight.pr_id)):
+            self.st.pending_notifications.append(
+                UpstreamFinished(job_id=self.job.job_id, run_id=finished.run_id,
+                                 status=finished.status)
+            )
+        self._dirty = True
+
+    def _record(self, finished: FinishedRun) -> None:
+        if policy.record_finished(self.job, self.st, finished):
+            workflow.logger.warning(
+                "job %s deactivated after %d consecutive failed runs",
+                self.job.job_id, self.st.consecutive_failures,
+            )  # fmt: skip
+
+    async def _flush_side_effects(self) -> None:
+        while self.st.pending_notifications:
+            event = self.st.pending_notifications.pop(0)
+            try:
+                await workflow.execute_local_activity(
+                    notify_dependents,
+                    NotifyDependentsInput(
+                        account_id=self.account.account_id,
+                        job_id=event.job_id,
+                        run_id=event.run_id,
+                        status=event.status,
+                        source_workflow_id=workflow.info().workflow_id,
+                    ),
+                    start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                    retry_policy=c.CONTROL_RETRY,
+                )
+            except ActivityError as err:
+                workflow.logger.warning("completion of %s not fanned out: %s", event.run_id, err)
+        while self.st.pending_schema_drops:
+            schema = self.st.pending_schema_drops.pop(0)
+            try:
+                await workflow.execute_activity(
+                    "drop_ci_schema",
+                    DropSchemaInput(
+                        account_id=self.account.account_id,
+                        job_id=self.job.job_id,
+                        environment=self.job.environment,
+                        schema_name=schema,
+                    ),
+                    task_queue=self.queues.steps,
+                    start_to_close_timeout=c.PREP_TIMEOUT,
+                    heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
+                    retry_policy=c.PREP_RETRY,
+                    summary=f"drop CI schema {schema}",
+                )
+            except ActivityError as err:
+                workflow.logger.warning("schema %s not dropped: %s", schema, err)
+
+    def _next_wakeup(self) -> timedelta | None:
+        now = workflow.now()
+        deadlines = [
+            d
+            for d in (
+                self._next_cron(),
+                policy.next_queue_deadline(self.st, self.account.max_queue_wait),
+                self._orphan_check_at,
+            )
+            if d is not None
+        ]
+        if not deadlines:
+            return None
+        return max(min(deadlines) - now, MIN_WAIT)
+
+    def _upstream(self) -> list[str]:
+        return sorted({t.job_id for t in self.job.triggers.on_job_completion})
+
+    def _is_known(self, run_id: str) -> bool:
+        return any(q.run_id == run_id for q in self.st.queue) or any(
+            r.run_id == run_id for r in self.st.in_flight
+        )
+
+    def _reject(self, handler: str, err: Exception) -> None:
+        workflow.logger.warning("job %s rejected %s: %s", self.job.job_id, handler, err)
+        policy.reject(self.st, handler, str(err), workflow.now())
+
+
+def _finished_from_child_error(run_id: str, err: ChildWorkflowError) -> RunFinished:
+    cause = err.cause
+    if isinstance(cause, TerminatedError):
+        return RunFinished(
+            run_id=run_id, status=RunStatus.CANCELLED,
+            message=f"The run's workflow was terminated: {cause.message}",
+        )  # fmt: skip
+    if isinstance(cause, CancelledError):
+        return RunFinished(run_id=run_id, status=RunStatus.CANCELLED, message="Cancelled")
+    return RunFinished(
+        run_id=run_id, status=RunStatus.ERROR, message=f"The run's workflow failed: {err.cause}"
+    )
+
+
+def job_search_attributes(inp: JobWorkflowInput) -> TypedSearchAttributes:
+    pairs: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(c.SA_ACCOUNT, inp.account.account_id),
+        SearchAttributePair(c.SA_JOB, inp.job.job_id),
+    ]
+    upstream = sorted({t.job_id for t in inp.job.triggers.on_job_completion})
+    if upstream:
+        pairs.append(SearchAttributePair(c.SA_UPSTREAM, upstream))
+    return TypedSearchAttributes(pairs)

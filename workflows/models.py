@@ -1,0 +1,609 @@
+"""Every payload that crosses Temporal: accounts, jobs, triggers, runs, slots.
+
+Validation happens here, at the edge: a model that parses is a model the scheduler can run.
+Env values are strings (the int-in-an-env-dict incident), steps are dbt argv lists, cron
+expressions and time zones are checked. Every field added later gets a default, so a
+payload written by the previous release still parses (tests/payloads keeps samples).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from datetime import datetime, timedelta
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+
+class RunStatus(IntEnum):
+    """dbt Cloud's run status codes, kept on purpose."""
+
+    QUEUED = 1
+    STARTING = 2
+    RUNNING = 3
+    SUCCESS = 10
+    ERROR = 20
+    CANCELLED = 30
+
+    @property
+    def humanized(self) -> str:
+        """The name dbt Cloud shows: Queued, Starting, Running, Success, Error, Cancelled."""
+        return self.name.capitalize()
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RunStatus.SUCCESS
+
+
+class JobType(StrEnum):
+    SCHEDULED = "scheduled"
+    CI = "ci"
+    MERGE = "merge"
+    OTHER = "other"
+
+
+class TriggerCause(StrEnum):
+    """Why a run exists. API runs are never collapsed by the over-scheduled rule."""
+
+    SCHEDULED = "scheduled"
+    API = "api"
+    MANUAL = "manual"  # "Run now"
+    JOB_COMPLETION = "job_completion"
+    PULL_REQUEST = "pull_request"
+    MERGE = "merge"
+
+
+class StrictModel(BaseModel):
+    """Edge models: unknown fields are an error, so a typo never silently drops a setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class WireModel(BaseModel):
+    """Internal payloads: unknown fields are ignored so a newer release's payload still parses."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+_IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Ident = Annotated[str, Field(pattern=_IDENT, description="letters, digits, '_', '.', '-'")]
+
+DBT_SUBCOMMANDS = frozenset(
+    {
+        "build", "clone", "compile", "debug", "deps", "docs", "list", "ls", "parse",
+        "retry", "run", "run-operation", "seed", "show", "snapshot", "source", "test",
+    }
+)  # fmt: skip
+
+
+def _parse_dbt_command(value: Any) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError as err:
+            raise ValueError(f"cannot split the command into arguments: {err}") from None
+    if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
+        raise ValueError("a step is a dbt command: a string or a list of strings")
+    return value
+
+
+def _check_dbt_command(argv: list[str]) -> list[str]:
+    if not argv or argv[0] != "dbt":
+        raise ValueError(f"a step must be a dbt command starting with 'dbt', got {argv[:1]!r}")
+    if len(argv) < 2 or argv[1] not in DBT_SUBCOMMANDS:
+        got = argv[1] if len(argv) > 1 else "nothing"
+        raise ValueError(
+            f"unknown dbt subcommand {got!r}; expected one of {', '.join(sorted(DBT_SUBCOMMANDS))}"
+        )
+    if any("\x00" in part for part in argv):
+        raise ValueError("a step argument contains a NUL byte")
+    return argv
+
+
+DbtCommand = Annotated[
+    list[str], BeforeValidator(_parse_dbt_command), AfterValidator(_check_dbt_command)
+]
+"""A dbt command kept as argv: ``"dbt run -s x"`` becomes ``["dbt", "run", "-s", "x"]``."""
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"env var name {name!r} must match [A-Za-z_][A-Za-z0-9_]*")
+        if "\x00" in value:
+            raise ValueError(f"env var {name} contains a NUL byte")
+    return env
+
+
+EnvVars = Annotated[dict[str, StrictStr], AfterValidator(_check_env)]
+"""Strictly str -> str: an int value is a validation error naming the variable, never a crash
+inside subprocess.Popen (the dbt Cloud incident of August 2023)."""
+
+
+def _check_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}; use an IANA name like 'Europe/Paris'") from None
+    return name
+
+
+TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
+
+
+def _check_cron(expr: str) -> str:
+    expr = " ".join(expr.split())
+    if len(expr.split(" ")) != 5 or not croniter.is_valid(expr):
+        raise ValueError(
+            f"invalid cron expression {expr!r}; expected 5 fields: minute hour day month weekday"
+        )
+    return expr
+
+
+CronExpr = Annotated[str, AfterValidator(_check_cron)]
+
+
+# --------------------------------------------------------------------------- routing
+
+
+class TaskQueues(WireModel):
+    """Where each kind of work goes. Defaults are the embedded stack's queues; tests and
+    dedicated worker pools (one account on its own step workers) use other names."""
+
+    workflows: str = "runslot-workflows"
+    steps: str = "runslot-steps"
+    telemetry: str = "runslot-telemetry"
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+class AccountSettings(StrictModel):
+    """A tenant's limits."""
+
+    account_id: Ident
+    run_slots: int = Field(default=1, ge=0, le=1000)
+    run_memory_limit_mb: int | None = Field(default=None, ge=16)
+    max_queue_wait: timedelta = Field(default=timedelta(hours=1))
+    max_run_duration: timedelta = Field(default=timedelta(hours=24))
+    """Hard cap on a run (also the slot lease): a run with no job timeout still ends."""
+    slot_reap_interval: timedelta = Field(default=timedelta(seconds=30))
+    """How often the slots workflow checks that holders are still running."""
+
+    @field_validator("max_queue_wait", "max_run_duration", "slot_reap_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be a positive duration")
+        return value
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class Environment(StrictModel):
+    """Where the dbt project lives and how it runs. Secrets are references, never values."""
+
+    project_dir: str = Field(description="local path of the dbt project (git comes later)")
+    subdirectory: str = ""
+    dbt_version: str | None = None
+    target_name: str = "default"
+    profile: dict[str, StrictStr | int | bool] = Field(default_factory=dict)
+    """Non-secret target fields for profiles.yml (type, path, schema, ...)."""
+    env_vars: EnvVars = Field(default_factory=dict)
+
+    @field_validator("subdirectory")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("subdirectory must be a relative path inside the project")
+        return value
+
+
+class JobSettings(StrictModel):
+    threads: int = Field(default=4, ge=1, le=64)
+    target_name: str | None = None
+
+
+class CronSchedule(StrictModel):
+    cron: CronExpr
+    timezone: TimeZoneName = "UTC"
+
+
+class CompletionTrigger(StrictModel):
+    """Run this job when ``job_id``'s run ends in one of ``statuses``."""
+
+    job_id: Ident
+    statuses: list[RunStatus] = Field(default_factory=lambda: [RunStatus.SUCCESS], min_length=1)
+
+    @field_validator("statuses")
+    @classmethod
+    def _finished_only(cls, value: list[RunStatus]) -> list[RunStatus]:
+        bad = [s for s in value if not s.is_finished]
+        if bad:
+            raise ValueError("statuses must be finished statuses: 10, 20 or 30")
+        return value
+
+
+class JobTriggers(StrictModel):
+    schedule: CronSchedule | None = None
+    git_provider_webhook: bool = False
+    """CI: run on pull request events."""
+    on_merge: bool = False
+    on_job_completion: list[CompletionTrigger] = Field(default_factory=list, max_length=20)
+
+
+class JobDefinition(StrictModel):
+    """A job as saved. Saving it again reactivates a deactivated job."""
+
+    account_id: Ident
+    job_id: Ident
+    name: str = Field(min_length=1, max_length=255)
+    job_type: JobType = JobType.SCHEDULED
+    environment: Environment
+    execute_steps: list[DbtCommand] = Field(min_length=1, max_length=20)
+    generate_docs: bool = False
+    settings: JobSettings = Field(default_factory=JobSettings)
+    triggers: JobTriggers = Field(default_factory=JobTriggers)
+    timeout_seconds: int = Field(default=0, ge=0, le=7 * 24 * 3600)
+    """0 means no job timeout (the account's max run duration still applies)."""
+    deactivate_after_failures: int = Field(default=100, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobDefinition:
+        if self.job_type == JobType.CI and self.triggers.schedule is not None:
+            raise ValueError("a CI job is triggered by pull requests; remove triggers.schedule")
+        return self
+
+
+# --------------------------------------------------------------------------- triggers
+
+
+class TriggerOverrides(StrictModel):
+    steps_override: list[DbtCommand] | None = Field(default=None, min_length=1, max_length=20)
+    threads_override: int | None = Field(default=None, ge=1, le=64)
+    target_name_override: str | None = None
+    schema_override: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    timeout_seconds_override: int | None = Field(default=None, ge=0, le=7 * 24 * 3600)
+    git_sha: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{7,40}$")
+    git_branch: str | None = Field(default=None, max_length=255)
+    env_vars: EnvVars = Field(default_factory=dict)
+
+
+class TriggerRequest(StrictModel):
+    """One request to run a job: from the API, the CLI, cron, a webhook or another job."""
+
+    cause: TriggerCause = TriggerCause.API
+    cause_text: str = Field(default="", max_length=255)
+    run_id: Ident | None = None
+    """Set when the caller allocated the id (the run store); otherwise the job allocates one."""
+    dedupe_key: str | None = Field(default=None, max_length=200)
+    """A repeated key returns the first run's id instead of queueing a second run."""
+    pr_id: int | None = Field(default=None, ge=1)
+    overrides: TriggerOverrides = Field(default_factory=TriggerOverrides)
+    scheduled_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _pr_for_ci(self) -> TriggerRequest:
+        if self.cause == TriggerCause.PULL_REQUEST and self.pr_id is None:
+            raise ValueError("a pull_request trigger needs pr_id")
+        return self
+
+
+class TriggerResult(WireModel):
+    run_id: str
+    status: RunStatus = RunStatus.QUEUED
+    deduplicated: bool = False
+    cancelled_run_ids: list[str] = Field(default_factory=list)
+
+
+class CancelRequest(StrictModel):
+    run_id: Ident
+    reason: str = Field(default="Cancelled by request", max_length=500)
+
+
+class PullRequestClosed(StrictModel):
+    pr_id: int = Field(ge=1)
+
+
+class UpstreamFinished(WireModel):
+    """Sent by job A's workflow to every job that lists A in on_job_completion."""
+
+    job_id: str
+    run_id: str
+    status: RunStatus
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class StepResult(WireModel):
+    index: int
+    name: str
+    argv: list[str]
+    status: RunStatus
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    message: str = ""
+
+
+class RunFinished(WireModel):
+    """What a run tells its job when it ends (signal ``run_finished``)."""
+
+    run_id: str
+    status: RunStatus
+    message: str = ""
+    finished_at: datetime | None = None
+
+
+class RunInput(WireModel):
+    account: AccountSettings
+    job: JobDefinition
+    run_id: str
+    trigger: TriggerRequest
+    queued_at: datetime
+    job_workflow_id: str
+    queues: TaskQueues = Field(default_factory=TaskQueues)
+
+
+class RunResult(WireModel):
+    run_id: str
+    account_id: str
+    job_id: str
+    status: RunStatus
+    status_message: str = ""
+    cause: TriggerCause
+    created_at: datetime
+    dequeued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    steps: list[StepResult] = Field(default_factory=list)
+    schema_name: str | None = None
+
+    @property
+    def wait_time(self) -> timedelta | None:
+        """Queued until the slot was granted."""
+        return None if self.dequeued_at is None else self.dequeued_at - self.created_at
+
+    @property
+    def prep_time(self) -> timedelta | None:
+        """Slot granted until the first step started."""
+        if self.dequeued_at is None or self.started_at is None:
+            return None
+        return self.started_at - self.dequeued_at
+
+
+# --------------------------------------------------------------------------- job state
+
+
+class QueuedRun(WireModel):
+    run_id: str
+    trigger: TriggerRequest
+    queued_at: datetime
+
+
+class InFlightRun(WireModel):
+    run_id: str
+    workflow_id: str
+    cause: TriggerCause
+    pr_id: int | None = None
+    queued_at: datetime
+    started_at: datetime
+    generation: int = 0
+    """Job generation that started it: a later generation has no child handle for it."""
+
+
+class FinishedRun(WireModel):
+    run_id: str
+    cause: TriggerCause
+    status: RunStatus
+    message: str = ""
+    finished_at: datetime
+
+
+class Rejected(WireModel):
+    """A message the job could not use: kept (bounded) so it is visible, never raised."""
+
+    at: datetime
+    handler: str
+    reason: str
+
+
+class JobState(WireModel):
+    """Everything a job carries across continue-as-new."""
+
+    schema_version: int = 1
+    queue: list[QueuedRun] = Field(default_factory=list)
+    in_flight: list[InFlightRun] = Field(default_factory=list)
+    last_cron_fire: datetime | None = None
+    next_seq: int = 1
+    consecutive_failures: int = 0
+    deactivated: bool = False
+    recent: list[FinishedRun] = Field(default_factory=list)
+    dedupe: dict[str, str] = Field(default_factory=dict)
+    rejected: list[Rejected] = Field(default_factory=list)
+    pending_notifications: list[UpstreamFinished] = Field(default_factory=list)
+    pending_schema_drops: list[str] = Field(default_factory=list)
+    generation: int = 0
+
+
+class JobWorkflowInput(WireModel):
+    job: JobDefinition
+    account: AccountSettings
+    state: JobState | None = None
+    queues: TaskQueues = Field(default_factory=TaskQueues)
+
+
+class JobUpdate(StrictModel):
+    """Save a job (update ``configure``): new definition and/or account limits."""
+
+    job: JobDefinition
+    account: AccountSettings | None = None
+
+
+class JobDescription(WireModel):
+    job: JobDefinition
+    account: AccountSettings
+    state: JobState
+    next_cron_fire: datetime | None = None
+
+
+# --------------------------------------------------------------------------- slots
+
+
+class SlotRequest(WireModel):
+    request_id: str
+    """The run id: one request per run, so a repeated request is a no-op."""
+    workflow_id: str
+    lease: timedelta = Field(default=timedelta(hours=25))
+    requested_at: datetime | None = None
+
+
+class SlotRelease(WireModel):
+    request_id: str
+
+
+class SlotGrant(WireModel):
+    request_id: str
+    granted_at: datetime
+
+
+class SlotHolder(WireModel):
+    request_id: str
+    workflow_id: str
+    granted_at: datetime
+    lease_expires_at: datetime
+
+
+class SlotWaiter(WireModel):
+    request_id: str
+    workflow_id: str
+    requested_at: datetime
+    lease: timedelta
+
+
+class SlotsState(WireModel):
+    account_id: str
+    capacity: int = Field(ge=0)
+    holders: list[SlotHolder] = Field(default_factory=list)
+    waiters: list[SlotWaiter] = Field(default_factory=list)
+    reap_interval: timedelta = Field(default=timedelta(seconds=30))
+    generation: int = 0
+    grants_total: int = 0
+    reaped_total: int = 0
+    expired_total: int = 0
+    rejected: list[Rejected] = Field(default_factory=list)
+
+
+class SlotsStartRequest(WireModel):
+    """What a run sends to request a slot: signal-with-start of ``slots:{account}``."""
+
+    account_id: str
+    capacity: int
+    reap_interval: timedelta
+    request: SlotRequest
+    workflow_task_queue: str = "runslot-workflows"
+
+
+class Resize(StrictModel):
+    capacity: int = Field(ge=0, le=1000)
+
+
+class HolderLiveness(WireModel):
+    workflow_ids: list[str]
+
+
+class ClosedWorkflows(WireModel):
+    workflow_ids: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- executor
+
+
+class PrepareInput(WireModel):
+    account_id: str
+    job_id: str
+    run_id: str
+    environment: Environment
+    target_name: str
+    threads: int
+    schema_override: str | None = None
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    git_sha: str | None = None
+    git_branch: str | None = None
+
+
+class PreparedRun(WireModel):
+    """Where a prepared run lives. Never carries resolved secrets (they stay on the worker)."""
+
+    workspace: str
+    dbt_version: str = ""
+
+
+class StepInput(WireModel):
+    account_id: str
+    run_id: str
+    workspace: str
+    index: int
+    argv: list[str]
+    memory_limit_mb: int | None = None
+    timeout_seconds: float | None = None
+
+
+class StepOutcome(WireModel):
+    exit_code: int
+    log_path: str = ""
+    message: str = ""
+
+
+class ArtifactsInput(WireModel):
+    account_id: str
+    run_id: str
+    workspace: str
+
+
+class ArtifactsResult(WireModel):
+    files: list[str] = Field(default_factory=list)
+
+
+class CleanupInput(WireModel):
+    account_id: str
+    run_id: str
+    workspace: str
+
+
+class DropSchemaInput(WireModel):
+    account_id: str
+    job_id: str
+    environment: Environment
+    schema_name: str
+
+
+class TelemetryEvent(WireModel):
+    """Post-run telemetry: sent after the slot is released, on its own task queue."""
+
+    run: RunResult
+
+
+class NotifyDependentsInput(WireModel):
+    account_id: str
+    job_id: str
+    run_id: str
+    status: RunStatus
+    source_workflow_id: str

@@ -1,0 +1,394 @@
+"""RunWorkflow ``run:{account}:{run}``: one execution of a job.
+
+slot (not for CI) → prep → steps → artifacts → release → final status → tell the job →
+telemetry. Every activity has a start-to-close timeout and the long ones heartbeat, so a
+hung step or a dead worker can never hold a slot. The slot is released *before* the job is
+told and before telemetry runs: nothing after the last step can hold capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    TimeoutError as TemporalTimeoutError,
+)
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from activities.control import request_slot
+    from workflows import constants as c
+    from workflows import policy
+    from workflows.errors import MEMORY_LIMIT_MESSAGE, ErrorType
+    from workflows.models import (
+        ArtifactsInput,
+        ArtifactsResult,
+        CleanupInput,
+        PreparedRun,
+        PrepareInput,
+        RunFinished,
+        RunInput,
+        RunResult,
+        RunStatus,
+        SlotGrant,
+        SlotRelease,
+        SlotRequest,
+        SlotsStartRequest,
+        StepInput,
+        StepOutcome,
+        StepResult,
+        TelemetryEvent,
+    )
+
+MIN_WAIT = timedelta(seconds=1)
+STEP_GRACE = timedelta(minutes=1)
+
+
+@workflow.defn(name=c.RUN_WORKFLOW)
+class RunWorkflow:
+    @workflow.init
+    def __init__(self, inp: RunInput) -> None:
+        self.inp = inp
+        self.grant: SlotGrant | None = None
+        self.cancel_reason: str | None = None
+        self._finishing = False
+        self._main: asyncio.Task[RunResult] | None = None
+        self.r = RunResult(
+            run_id=inp.run_id,
+            account_id=inp.account.account_id,
+            job_id=inp.job.job_id,
+            status=RunStatus.QUEUED,
+            cause=inp.trigger.cause,
+            created_at=inp.queued_at,
+        )
+        self._ci = policy.is_ci(inp.job, inp.trigger)
+        if self._ci and inp.trigger.pr_id is not None:
+            self.r.schema_name = c.ci_schema_name(inp.job.job_id, inp.trigger.pr_id)
+
+    @workflow.run
+    async def run(self, inp: RunInput) -> RunResult:
+        # A Temporal cancel of this workflow propagates into the awaited task, which records
+        # Cancelled, frees the slot and tells the job before returning.
+        self._main = asyncio.create_task(self._lifecycle())
+        return await self._main
+
+    # ------------------------------------------------------------------ messages
+
+    @workflow.signal(name=c.SIGNAL_SLOT_GRANTED)
+    def slot_granted(self, grant: SlotGrant) -> None:
+        if grant.request_id == self.inp.run_id:
+            self.grant = grant
+
+    @workflow.signal(name="cancel")
+    def cancel(self, reason: Any) -> None:
+        """Cancel with a reason (the job uses this for superseded runs)."""
+        if self._finishing or self._main is None or self._main.done():
+            return
+        self.cancel_reason = reason if isinstance(reason, str) and reason else "Cancelled"
+        self._main.cancel()
+
+    @workflow.query(name=c.QUERY_DESCRIBE)
+    def describe(self) -> RunResult:
+        return self.r
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _lifecycle(self) -> RunResult:
+        slot_requested = False
+        prepared: list[PreparedRun] = []
+        try:
+            if not self._ci:
+                slot_requested = True
+                if not await self._acquire_slot():
+                    return self.r
+            self.r.dequeued_at = workflow.now()
+            self._set_status(RunStatus.STARTING, "preparing")
+            await self._execute_with_timeout(prepared)
+        except asyncio.CancelledError:
+            self.r.status = RunStatus.CANCELLED
+            self.r.status_message = self.cancel_reason or "Cancelled by request"
+            for step in self.r.steps:
+                if not step.status.is_finished:
+                    step.status = RunStatus.CANCELLED
+                    step.finished_at = workflow.now()
+        except Exception as err:  # noqa: BLE001 - any surprise ends the run in Error, never stuck
+            workflow.logger.exception("run %s failed unexpectedly", self.inp.run_id)
+            self.r.status = RunStatus.ERROR
+            self.r.status_message = f"Internal error: {err}"
+        finally:
+            self._finishing = True
+            await self._finish(slot_requested, prepared)
+        return self.r
+
+    async def _acquire_slot(self) -> bool:
+        """Wait for a slot within the queue-wait budget. False if the run was cancelled."""
+        account = self.inp.account
+        lease = self._run_timeout() + c.SLOT_LEASE_GRACE
+        workflow.set_current_details("waiting for a run slot")
+        await workflow.execute_local_activity(
+            request_slot,
+            SlotsStartRequest(
+                account_id=account.account_id,
+                capacity=account.run_slots,
+                reap_interval=account.slot_reap_interval,
+                workflow_task_queue=self.inp.queues.workflows,
+                request=SlotRequest(
+                    request_id=self.inp.run_id,
+                    workflow_id=workflow.info().workflow_id,
+                    lease=lease,
+                    requested_at=workflow.now(),
+                ),
+            ),
+            start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+            retry_policy=c.CONTROL_RETRY,
+        )
+        budget = account.max_queue_wait - (workflow.now() - self.inp.queued_at)
+        try:
+            await workflow.wait_condition(
+                lambda: self.grant is not None,
+                timeout=max(budget, MIN_WAIT),
+                timeout_summary="max queue wait",
+            )
+        except TimeoutError:
+            waited = workflow.now() - self.inp.queued_at
+            self.r.status = RunStatus.CANCELLED
+            self.r.status_message = policy.queue_timeout_message(waited, account.max_queue_wait)
+            return False
+        return True
+
+    def _run_timeout(self) -> timedelta:
+        override = self.inp.trigger.overrides.timeout_seconds_override
+        seconds = override if override is not None else self.inp.job.timeout_seconds
+        cap = self.inp.account.max_run_duration
+        return min(timedelta(seconds=seconds), cap) if seconds else cap
+
+    async def _execute_with_timeout(self, prepared: list[PreparedRun]) -> None:
+        timeout = self._run_timeout()
+        body = asyncio.create_task(self._execute(prepared))
+        try:
+            await workflow.wait_condition(body.done, timeout=timeout, timeout_summary="run timeout")
+        except TimeoutError:
+            body.cancel()
+            await _settle(body)
+            self.r.status = RunStatus.ERROR
+            self.r.status_message = policy.run_timeout_message(timeout)
+            for step in self.r.steps:
+                if not step.status.is_finished:
+                    step.status = RunStatus.ERROR
+                    step.finished_at = workflow.now()
+                    step.message = "stopped by the run timeout"
+            return
+        except asyncio.CancelledError:
+            body.cancel()
+            await _settle(body)
+            raise
+        await body
+
+    async def _execute(self, prepared: list[PreparedRun]) -> None:
+        inp, job = self.inp, self.inp.job
+        overrides = inp.trigger.overrides
+        prepared.append(
+            await workflow.execute_activity(
+                "prepare_run",
+                PrepareInput(
+                    account_id=inp.account.account_id,
+                    job_id=job.job_id,
+                    run_id=inp.run_id,
+                    environment=job.environment,
+                    target_name=overrides.target_name_override
+                    or job.settings.target_name
+                    or job.environment.target_name,
+                    threads=overrides.threads_override or job.settings.threads,
+                    schema_override=self.r.schema_name or overrides.schema_override,
+                    env_vars=overrides.env_vars,
+                    git_sha=overrides.git_sha,
+                    git_branch=overrides.git_branch,
+                ),
+                result_type=PreparedRun,
+                task_queue=self.inp.queues.steps,
+                start_to_close_timeout=c.PREP_TIMEOUT,
+                heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
+                retry_policy=c.PREP_RETRY,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                summary=f"prepare run {inp.run_id}",
+            )
+        )
+        workspace = prepared[0].workspace
+        steps = list(overrides.steps_override or job.execute_steps)
+        if job.generate_docs:
+            steps.append(["dbt", "docs", "generate"])
+        step_timeout = self._run_timeout() + STEP_GRACE
+        for index, argv in enumerate(steps, start=1):
+            now = workflow.now()
+            if index == 1:
+                self.r.started_at = now
+                self._set_status(RunStatus.RUNNING, "running steps")
+            step = StepResult(
+                index=index, name=" ".join(argv[:3]), argv=argv,
+                status=RunStatus.RUNNING, started_at=now,
+            )  # fmt: skip
+            self.r.steps.append(step)
+            workflow.set_current_details(f"step {index}/{len(steps)}: {' '.join(argv)[:120]}")
+            try:
+                outcome = await workflow.execute_activity(
+                    "run_step",
+                    StepInput(
+                        account_id=inp.account.account_id,
+                        run_id=inp.run_id,
+                        workspace=workspace,
+                        index=index,
+                        argv=argv,
+                        memory_limit_mb=inp.account.run_memory_limit_mb,
+                        timeout_seconds=step_timeout.total_seconds(),
+                    ),
+                    result_type=StepOutcome,
+                    task_queue=self.inp.queues.steps,
+                    start_to_close_timeout=step_timeout,
+                    heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
+                    retry_policy=c.STEP_RETRY,
+                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=" ".join(argv)[:200],
+                )
+            except ActivityError as err:
+                step.status = RunStatus.ERROR
+                step.finished_at = workflow.now()
+                step.message = _failure_message(err)
+                step.exit_code = _exit_code(err)
+                self.r.status = RunStatus.ERROR
+                self.r.status_message = (
+                    step.message
+                    if step.message == MEMORY_LIMIT_MESSAGE
+                    else f"Step {index} ({step.name}) failed: {step.message}"
+                )
+                await self._collect_artifacts(workspace)
+                return
+            step.status = RunStatus.SUCCESS
+            step.exit_code = outcome.exit_code
+            step.finished_at = workflow.now()
+        await self._collect_artifacts(workspace)
+        self.r.status = RunStatus.SUCCESS
+
+    async def _collect_artifacts(self, workspace: str) -> None:
+        try:
+            await workflow.execute_activity(
+                "collect_artifacts",
+                ArtifactsInput(
+                    account_id=self.inp.account.account_id, run_id=self.inp.run_id,
+                    workspace=workspace,
+                ),  # fmt: skip
+                result_type=ArtifactsResult,
+                task_queue=self.inp.queues.steps,
+                start_to_close_timeout=c.ARTIFACTS_TIMEOUT,
+                heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
+                retry_policy=c.PREP_RETRY,
+                summary="collect artifacts",
+            )
+        except ActivityError as err:
+            # Missing artifacts are reported in the log, they do not change a run's status.
+            workflow.logger.warning("artifacts of run %s not collected: %s", self.inp.run_id, err)
+
+    async def _finish(self, slot_requested: bool, prepared: list[PreparedRun]) -> None:
+        """Release → status → tell the job → clean up → telemetry. Each part is best effort."""
+        account_id = self.inp.account.account_id
+        if slot_requested:
+            try:
+                await workflow.get_external_workflow_handle(c.slots_workflow_id(account_id)).signal(
+                    c.SIGNAL_SLOT_RELEASE, SlotRelease(request_id=self.inp.run_id)
+                )
+            except Exception as err:  # noqa: BLE001 - the reaper frees it if this fails
+                workflow.logger.warning("release of %s failed: %s", self.inp.run_id, err)
+        self.r.finished_at = workflow.now()
+        self._set_status(self.r.status, self.r.status.humanized)
+        try:
+            await workflow.get_external_workflow_handle(self.inp.job_workflow_id).signal(
+                c.SIGNAL_RUN_FINISHED,
+                RunFinished(
+                    run_id=self.inp.run_id, status=self.r.status,
+                    message=self.r.status_message, finished_at=self.r.finished_at,
+                ),  # fmt: skip
+            )
+        except Exception as err:  # noqa: BLE001 - the job also watches this workflow's result
+            workflow.logger.warning("job %s not told: %s", self.inp.job_workflow_id, err)
+        if prepared:
+            try:
+                await workflow.execute_activity(
+                    "cleanup_run",
+                    CleanupInput(account_id=account_id, run_id=self.inp.run_id,
+                                 workspace=prepared[0].workspace),
+                    task_queue=self.inp.queues.steps,
+                    start_to_close_timeout=c.CLEANUP_TIMEOUT,
+                    heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
+                    retry_policy=c.PREP_RETRY,
+                    summary="clean up workspace",
+                )
+            except ActivityError as err:
+                workflow.logger.warning("cleanup of %s failed: %s", self.inp.run_id, err)
+        try:
+            await workflow.execute_activity(
+                "emit_run_telemetry",
+                TelemetryEvent(run=self.r),
+                task_queue=self.inp.queues.telemetry,
+                start_to_close_timeout=c.TELEMETRY_TIMEOUT,
+                schedule_to_close_timeout=c.TELEMETRY_TIMEOUT * 3,
+                retry_policy=c.TELEMETRY_RETRY,
+                summary="post-run telemetry",
+            )
+        except ActivityError as err:
+            # Telemetry never changes a run's status (dbt Cloud, February 2026).
+            workflow.logger.warning("telemetry for %s failed: %s", self.inp.run_id, err)
+
+    def _set_status(self, status: RunStatus, details: str) -> None:
+        self.r.status = status
+        workflow.upsert_search_attributes([c.SA_STATUS.value_set(status.humanized)])
+        workflow.set_current_details(f"**{status.humanized}**: {details}")
+
+
+def initial_search_attributes(inp: RunInput) -> TypedSearchAttributes:
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(c.SA_ACCOUNT, inp.account.account_id),
+            SearchAttributePair(c.SA_JOB, inp.job.job_id),
+            SearchAttributePair(c.SA_RUN, inp.run_id),
+            SearchAttributePair(c.SA_CAUSE, inp.trigger.cause.value),
+            SearchAttributePair(c.SA_STATUS, RunStatus.QUEUED.humanized),
+        ]
+    )
+
+
+async def _settle(task: asyncio.Task[None]) -> None:
+    """Wait for a cancelled task to finish its cleanup, swallowing its cancellation."""
+    try:
+        await task
+    except (asyncio.CancelledError, ActivityError):
+        pass
+
+
+def _failure_message(err: ActivityError) -> str:
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        if cause.type == ErrorType.MEMORY_LIMIT:
+            return MEMORY_LIMIT_MESSAGE
+        return cause.message
+    if isinstance(cause, TemporalTimeoutError):
+        return (
+            f"the step worker stopped responding ({cause.type.name if cause.type else 'timeout'}"
+            "); the step was abandoned"
+        )
+    if isinstance(cause, CancelledError):
+        return "the step was cancelled"
+    return str(cause or err)
+
+
+def _exit_code(err: ActivityError) -> int | None:
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.details:
+        first = cause.details[0]
+        return first if isinstance(first, int) else None
+    return None
