@@ -44,7 +44,7 @@ class Executor(Protocol):
     async def drop_schema(self, request: DropSchemaInput) -> None: ...
 
 
-HEARTBEAT_EVERY = 5.0
+HEARTBEAT_EVERY = 1.0
 """Seconds between liveness heartbeats while a step runs without printing anything."""
 
 

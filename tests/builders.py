@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from starter import jobs
 from workflows.models import (
@@ -71,7 +72,18 @@ async def finished_runs(client: Client, account_id: str, job_id: str) -> JobDesc
 
 
 async def wait_run(client: Client, account_id: str, run_id: str, timeout: float = 60) -> RunResult:
-    return await asyncio.wait_for(jobs.run_result(client, account_id, run_id), timeout)
+    """The run's final result; a queued run's workflow may not exist yet, so wait for it."""
+
+    async def result() -> RunResult:
+        while True:
+            try:
+                return await jobs.run_result(client, account_id, run_id)
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                await asyncio.sleep(0.1)
+
+    return await asyncio.wait_for(result(), timeout)
 
 
 def statuses(desc: JobDescription) -> dict[str, RunStatus]:

@@ -85,6 +85,10 @@ def build_workers(
                 activities=step_activities,
                 max_concurrent_activities=max_concurrent_steps,
                 max_task_queue_activities_per_second=step_activities_per_second,
+                # Cancellation reaches an activity only through a heartbeat response: send
+                # them at least every 2 s so a cancelled step is killed within seconds.
+                max_heartbeat_throttle_interval=_seconds(2.0),
+                default_heartbeat_throttle_interval=_seconds(2.0),
                 graceful_shutdown_timeout=_seconds(graceful_shutdown_seconds),
             )
         )

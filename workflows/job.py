@@ -75,6 +75,8 @@ class JobWorkflow:
             # A new job fires at its next tick, never for ticks before it existed.
             self.st.last_cron_fire = workflow.now()
         while True:
+            # Cleared before the awaits below: anything arriving meanwhile sets it again.
+            self._dirty = False
             now = workflow.now()
             self._fire_cron_if_due(now)
             self._expire_queue(now)
@@ -86,7 +88,6 @@ class JobWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if not self._dirty and not self._cancels:
                     self._continue_as_new()
-            self._dirty = False
             timeout = self._next_wakeup()
             try:
                 await workflow.wait_condition(
@@ -295,18 +296,21 @@ class JobWorkflow:
             if cancellation.running:
                 self._cancels.append(cancellation)
                 continue
-            queued = [q for q in self.st.queue if q.run_id == cancellation.run_id]
+            # The policy may already have taken it out of the queue (superseded runs).
+            queued = next((q for q in self.st.queue if q.run_id == cancellation.run_id), None)
             self.st.queue = [q for q in self.st.queue if q.run_id != cancellation.run_id]
-            for q in queued:
-                self._record(
-                    FinishedRun(
-                        run_id=q.run_id,
-                        cause=q.trigger.cause,
-                        status=RunStatus.CANCELLED,
-                        message=cancellation.message,
-                        finished_at=workflow.now(),
-                    )
+            cause = queued.trigger.cause if queued is not None else cancellation.cause
+            if cause is None:
+                continue
+            self._record(
+                FinishedRun(
+                    run_id=cancellation.run_id,
+                    cause=cause,
+                    status=RunStatus.CANCELLED,
+                    message=cancellation.message,
+                    finished_at=workflow.now(),
                 )
+            )
 
     async def _send_cancels(self) -> None:
         cancels, self._cancels = self._cancels, []

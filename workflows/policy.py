@@ -125,6 +125,7 @@ class Cancellation:
     message: str
     running: bool
     """True when the run has a workflow (cancel it); False when it was only queued."""
+    cause: TriggerCause | None = None
 
 
 def is_ci(job: JobDefinition, trigger: TriggerRequest) -> bool:
@@ -216,7 +217,7 @@ def _drop_queued(state: JobState, match: object, message: str) -> list[Cancellat
     assert callable(match)
     dropped = [q for q in state.queue if match(q)]
     state.queue = [q for q in state.queue if not match(q)]
-    return [Cancellation(q.run_id, message, running=False) for q in dropped]
+    return [Cancellation(q.run_id, message, running=False, cause=q.trigger.cause) for q in dropped]
 
 
 def runs_to_start(job: JobDefinition, state: JobState) -> list[QueuedRun]:

@@ -101,16 +101,14 @@ class RunWorkflow:
     # ------------------------------------------------------------------ lifecycle
 
     async def _lifecycle(self) -> RunResult:
-        slot_requested = False
+        slot_requested = acquired = False
         prepared: list[PreparedRun] = []
         try:
             if not self._ci:
                 slot_requested = True
-                if not await self._acquire_slot():
-                    return self.r
-            self.r.dequeued_at = workflow.now()
-            self._set_status(RunStatus.STARTING, "preparing")
-            await self._execute_with_timeout(prepared)
+                acquired = await self._acquire_slot()
+            if self._ci or acquired:
+                await self._start_and_execute(prepared)
         except asyncio.CancelledError:
             self.r.status = RunStatus.CANCELLED
             self.r.status_message = self.cancel_reason or "Cancelled by request"
@@ -122,10 +120,16 @@ class RunWorkflow:
             workflow.logger.exception("run %s failed unexpectedly", self.inp.run_id)
             self.r.status = RunStatus.ERROR
             self.r.status_message = f"Internal error: {err}"
-        finally:
-            self._finishing = True
-            await self._finish(slot_requested, prepared)
+        # Not a ``finally``: on worker cache eviction the SDK closes this coroutine with
+        # GeneratorExit, and workflow calls there would fail. Every real ending gets here.
+        self._finishing = True
+        await self._finish(slot_requested, prepared)
         return self.r
+
+    async def _start_and_execute(self, prepared: list[PreparedRun]) -> None:
+        self.r.dequeued_at = workflow.now()
+        self._set_status(RunStatus.STARTING, "preparing")
+        await self._execute_with_timeout(prepared)
 
     async def _acquire_slot(self) -> bool:
         """Wait for a slot within the queue-wait budget. False if the run was cancelled."""

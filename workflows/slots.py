@@ -46,13 +46,15 @@ class SlotsWorkflow:
     async def run(self, state: SlotsState) -> None:
         next_reap = workflow.now() + self.s.reap_interval
         while True:
+            # Cleared before the awaits below: anything arriving meanwhile sets it again.
+            self._dirty = False
             self._expire_leases()
             await self._grant()
             if workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                self.s.generation += 1
-                workflow.continue_as_new(self.s)
-            self._dirty = False
+                if not self._dirty:
+                    self.s.generation += 1
+                    workflow.continue_as_new(self.s)
             deadlines = [h.lease_expires_at for h in self.s.holders]
             if self.s.holders or self.s.waiters:
                 deadlines.append(next_reap)

@@ -1,0 +1,228 @@
+"""``runslot dev`` end to end: the real command, the real dev server, real worker processes.
+
+Each test runs the stack as a subprocess on free ports and its own data dir, talks to it
+through a client, the ``temporal`` CLI and the ``runslot`` CLI, then stops it with SIGINT
+(Ctrl-C) and checks that no server or worker process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import pytest_asyncio
+
+from starter import jobs
+from starter.client import connect
+from tests.conftest import find_binary
+from workflows.models import AccountSettings, Environment, JobDefinition
+
+pytestmark = [pytest.mark.devserver, pytest.mark.slow]
+
+READY_LINE = "Press Ctrl-C to stop."
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class DevProcess:
+    """One ``runslot dev`` subprocess and the processes it started."""
+
+    def __init__(self, data_dir: Path, log: Path, port: int, ui_port: int) -> None:
+        self.data_dir, self.log, self.port, self.ui_port = data_dir, log, port, ui_port
+        self.proc: asyncio.subprocess.Process | None = None
+        self.children: list[psutil.Process] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                find_binary("runslot"), "dev",
+                "--data-dir", str(self.data_dir),
+                "--port", str(self.port),
+                "--ui-port", str(self.ui_port),
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        async with asyncio.timeout(START_TIMEOUT):
+            while READY_LINE not in self.output():
+                assert self.proc.returncode is None, f"runslot dev exited:\n{self.output()}"
+                await asyncio.sleep(0.1)
+        self.children = psutil.Process(self.proc.pid).children(recursive=True)
+
+    async def stop(self) -> int:
+        """Ctrl-C, then wait for a clean exit; return the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(STOP_TIMEOUT):
+            return await self.proc.wait()
+
+    async def cleanup(self) -> None:
+        """Whatever a failed test left running: stop it, kill it if it does not stop."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        for child in self.children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+    def leftovers(self) -> list[str]:
+        _, alive = psutil.wait_procs(self.children, timeout=5)
+        return [" ".join(p.cmdline()[:4]) for p in alive]
+
+
+Launch = Callable[[Path], Awaitable[DevProcess]]
+
+
+@pytest_asyncio.fixture
+async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
+    """Start ``runslot dev`` on a data dir (free ports each time); stop everything after."""
+    started: list[DevProcess] = []
+
+    async def start(data_dir: Path) -> DevProcess:
+        dev = DevProcess(data_dir, tmp_path / f"dev-{len(started)}.log", free_port(), free_port())
+        started.append(dev)
+        await dev.start()
+        return dev
+
+    yield start
+    for dev in started:
+        await dev.cleanup()
+
+
+async def run(*argv: str, cwd: Path | None = None) -> str:
+    """Run a CLI without blocking the event loop; return its stdout (it must succeed)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, f"{argv[:3]} failed ({proc.returncode}):\n{out.decode()}{err.decode()}"
+    return out.decode()
+
+
+async def listed_workflows(address: str, account: str) -> list[str]:
+    """Workflow ids of an account, through ``temporal workflow list`` and visibility."""
+    out = await run(
+        find_binary("temporal"), "workflow", "list", "--address", address,
+        "--query", f"RunslotAccount='{account}'", "--output", "json",
+    )  # fmt: skip
+    return sorted(w["execution"]["workflowId"] for w in json.loads(out or "[]"))
+
+
+async def wait_listed(address: str, account: str, workflow_id: str) -> None:
+    async with asyncio.timeout(10):
+        while workflow_id not in await listed_workflows(address, account):
+            await asyncio.sleep(0.2)
+
+
+async def save_demo_job(dev: DevProcess, account: str, project: Path) -> None:
+    client = await connect(dev.address)
+    job = JobDefinition(
+        account_id=account,
+        job_id="j1",
+        name="debug",
+        environment=Environment(project_dir=str(project)),
+        execute_steps=["dbt debug"],
+    )
+    async with asyncio.timeout(20):
+        await jobs.save_job(client, job, AccountSettings(account_id=account))
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def test_dev_runs_server_and_worker_pools_and_ctrl_c_stops_them_all(
+    launch: Launch, tmp_path: Path
+) -> None:
+    dev = await launch(tmp_path / "data")
+    names = [" ".join(p.cmdline()) for p in dev.children]
+    assert sum("server start-dev" in n for n in names) == 1, names
+    for pool in ("workflows", "steps", "telemetry"):
+        assert sum(f"-m worker --pool {pool}" in n for n in names) == 1, names
+    assert f"http://127.0.0.1:{dev.ui_port}" in dev.output()
+
+    await save_demo_job(dev, "acct1", tmp_path)
+    await wait_listed(dev.address, "acct1", "job:acct1:j1")
+
+    assert await dev.stop() == 0, dev.output()
+    assert dev.leftovers() == []
+    assert port_is_free(dev.port)
+    assert (tmp_path / "data" / "temporal.sqlite").exists()
+
+
+async def test_two_stacks_run_side_by_side_on_their_own_ports_and_data_dirs(
+    launch: Launch, tmp_path: Path
+) -> None:
+    a, b = await asyncio.gather(launch(tmp_path / "a"), launch(tmp_path / "b"))
+    await asyncio.gather(save_demo_job(a, "alpha", tmp_path), save_demo_job(b, "beta", tmp_path))
+    await asyncio.gather(
+        wait_listed(a.address, "alpha", "job:alpha:j1"),
+        wait_listed(b.address, "beta", "job:beta:j1"),
+    )
+    assert await listed_workflows(a.address, "beta") == []
+    assert await listed_workflows(b.address, "alpha") == []
+
+    assert await asyncio.gather(a.stop(), b.stop()) == [0, 0]
+    assert a.leftovers() == b.leftovers() == []
+
+
+async def test_restart_on_the_same_data_dir_keeps_jobs_and_search_attributes(
+    launch: Launch, tmp_path: Path
+) -> None:
+    (tmp_path / "jobs.yml").write_text(
+        "account: {account_id: keep, run_slots: 2}\n"
+        "jobs:\n"
+        "  - job_id: nightly\n"
+        "    name: Nightly\n"
+        "    environment: {project_dir: project}\n"
+        "    execute_steps: [dbt build]\n"
+        "    triggers: {schedule: {cron: '0 3 * * *'}}\n"
+    )
+    runslot = find_binary("runslot")
+    first = await launch(tmp_path / "data")
+    applied = await run(
+        runslot, "jobs", "apply", "-f", "jobs.yml", "--temporal-address", first.address,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "nightly" in applied
+    assert await first.stop() == 0, first.output()
+    assert first.leftovers() == []
+
+    second = await launch(tmp_path / "data")  # search attributes exist already
+    await wait_listed(second.address, "keep", "job:keep:nightly")
+    described = await run(runslot, "job", "keep", "nightly", "--temporal-address", second.address)
+    assert "Nightly" in described
+    assert "0 3 * * *" in described
+    assert await second.stop() == 0, second.output()
+    assert second.leftovers() == []
