@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -76,10 +77,8 @@ def find_dbt(explicit: str | None = None) -> str | None:
 
 def installed_dbt_version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("dbt-core")
-    except Exception:  # noqa: BLE001 - any failure means "unknown", reported as such
+        return metadata.version("dbt-core")
+    except metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -114,8 +113,9 @@ class LocalExecutor:
         output: dict[str, object] = {**env.profile, "threads": request.threads}
         if request.schema_override:
             output["schema"] = request.schema_override
-        profiles = {profile_name: {"target": request.target_name,
-                                   "outputs": {request.target_name: output}}}
+        profiles = {
+            profile_name: {"target": request.target_name, "outputs": {request.target_name: output}}
+        }
         profiles_dir = workspace / "profiles"
         profiles_dir.mkdir(parents=True, exist_ok=True)
         _write_private(profiles_dir / "profiles.yml", yaml.safe_dump(profiles))
@@ -256,8 +256,9 @@ class LocalExecutor:
         try:
             await self.run_step(step, lambda _line: None)
         finally:
-            await self.cleanup(CleanupInput(**step.model_dump(include={"account_id", "run_id",
-                                                                        "workspace"})))
+            await self.cleanup(
+                CleanupInput(**step.model_dump(include={"account_id", "run_id", "workspace"}))
+            )
 
 
 def _version_matches(wanted: str, installed: str) -> bool:
@@ -319,10 +320,8 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     """SIGTERM the step's process group, then SIGKILL whatever is left after a grace period."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(proc.wait(), KILL_GRACE_SECONDS)
-    except TimeoutError:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(TimeoutError):

@@ -26,6 +26,7 @@ from workflows.models import (
     TriggerRequest,
     TriggerResult,
 )
+from workflows.run import RunWorkflow
 from workflows.slots import SlotsWorkflow
 
 
@@ -60,9 +61,7 @@ async def trigger(
     client: Client, account_id: str, job_id: str, request: TriggerRequest
 ) -> TriggerResult:
     """Queue a run and return its id (raises ``WorkflowUpdateFailedError`` if refused)."""
-    return await job_handle(client, account_id, job_id).execute_update(
-        JobWorkflow.trigger, request
-    )
+    return await job_handle(client, account_id, job_id).execute_update(JobWorkflow.trigger, request)
 
 
 async def cancel_run(
@@ -78,7 +77,7 @@ async def describe_job(client: Client, account_id: str, job_id: str) -> JobDescr
 
 
 async def run_result(client: Client, account_id: str, run_id: str) -> RunResult:
-    handle = client.get_workflow_handle(c.run_workflow_id(account_id, run_id), result_type=RunResult)
+    handle = client.get_workflow_handle_for(RunWorkflow.run, c.run_workflow_id(account_id, run_id))
     return await handle.result()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
 
 from starter import jobs
 from workflows.models import (
@@ -88,3 +89,15 @@ async def wait_run(client: Client, account_id: str, run_id: str, timeout: float 
 
 def statuses(desc: JobDescription) -> dict[str, RunStatus]:
     return {r.run_id: r.status for r in desc.state.recent}
+
+
+async def skip_time(env: WorkflowEnvironment, duration: timedelta) -> None:
+    """Advance the time-skipping server's clock in 5-minute steps.
+
+    One long ``env.sleep`` is a single RPC that the Java test server sometimes drops (a
+    timeout or an HTTP/2 error) when many timers fire inside it; short steps do not.
+    """
+    step = timedelta(minutes=5)
+    while duration > timedelta(0):
+        await env.sleep(min(step, duration))
+        duration -= step

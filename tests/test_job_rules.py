@@ -42,7 +42,9 @@ async def test_runs_of_one_job_never_overlap(
 ) -> None:
     client, acct = dev_env.client, unique("serial")
     async with running_stack(client, fake_dbt) as queues:
-        await jobs.save_job(client, job(acct, "j", ["dbt run -s gate:g1"]), account(acct, run_slots=5), queues)
+        await jobs.save_job(
+            client, job(acct, "j", ["dbt run -s gate:g1"]), account(acct, run_slots=5), queues
+        )
         first = await jobs.trigger(client, acct, "j", TriggerRequest())
         second = await jobs.trigger(client, acct, "j", TriggerRequest())
         await wait_for(lambda: fake_dbt.running == {first.run_id}, what="first run running")
@@ -73,7 +75,9 @@ async def test_newer_scheduled_run_cancels_older_queued_one_and_api_runs_are_kep
         desc = await jobs.describe_job(client, acct, "j")
         cancelled = next(r for r in desc.state.recent if r.run_id == older.run_id)
         assert cancelled.status == RunStatus.CANCELLED
-        assert "over-scheduled" in cancelled.message and "schedule it less often" in cancelled.message
+        assert (
+            "over-scheduled" in cancelled.message and "schedule it less often" in cancelled.message
+        )
         fake_dbt.open("slow")
         for run_id in (running.run_id, api.run_id, newer.run_id):
             assert (await wait_run(client, acct, run_id)).status == RunStatus.SUCCESS
@@ -132,7 +136,9 @@ async def test_ci_runs_take_no_slot_run_concurrently_and_a_new_commit_cancels_th
         assert fake_dbt.prepared[pr1_new.run_id].schema_override == "dbt_cloud_pr_ci_1"
         assert pr1_old.run_id in fake_dbt.cancelled_steps
         # Closing the PR drops its temporary schema.
-        await jobs.job_handle(client, acct, "ci").signal(c.SIGNAL_PR_CLOSED, PullRequestClosed(pr_id=1))
+        await jobs.job_handle(client, acct, "ci").signal(
+            c.SIGNAL_PR_CLOSED, PullRequestClosed(pr_id=1)
+        )
         await wait_for(lambda: fake_dbt.dropped_schemas == ["dbt_cloud_pr_ci_1"], what="drop")
     assert fake_dbt.max_running >= 2
 
@@ -173,12 +179,8 @@ async def test_consecutive_failures_deactivate_the_job_and_run_now_reactivates_i
         for _ in range(3):
             res = await jobs.trigger(client, acct, "j", TriggerRequest())
             assert (await wait_run(client, acct, res.run_id)).status == RunStatus.ERROR
-        await wait_for(
-            lambda: jobs.describe_job(client, acct, "j"), what="describe"
-        )
-        desc = await wait_for(
-            lambda: _deactivated(client, acct), what="job deactivated"
-        )
+        await wait_for(lambda: jobs.describe_job(client, acct, "j"), what="describe")
+        desc = await wait_for(lambda: _deactivated(client, acct), what="job deactivated")
         assert desc
         with pytest.raises(WorkflowUpdateFailedError) as info:
             await jobs.trigger(client, acct, "j", TriggerRequest(cause=TriggerCause.API))
@@ -186,7 +188,9 @@ async def test_consecutive_failures_deactivate_the_job_and_run_now_reactivates_i
         manual = await jobs.trigger(client, acct, "j", TriggerRequest(cause=TriggerCause.MANUAL))
         assert (await wait_run(client, acct, manual.run_id)).status == RunStatus.ERROR
         # Saving the job (fixed) reactivates it too.
-        await jobs.save_job(client, job(acct, "j", deactivate_after_failures=3), account(acct), queues)
+        await jobs.save_job(
+            client, job(acct, "j", deactivate_after_failures=3), account(acct), queues
+        )
         fixed = await jobs.trigger(client, acct, "j", TriggerRequest())
         assert (await wait_run(client, acct, fixed.run_id)).status == RunStatus.SUCCESS
 
@@ -200,7 +204,9 @@ async def test_cancelling_a_queued_run_removes_it_and_a_running_run_stops_its_st
 ) -> None:
     client, acct = dev_env.client, unique("cancel")
     async with running_stack(client, fake_dbt) as queues:
-        await jobs.save_job(client, job(acct, "j", ["dbt run -s gate:never"]), account(acct), queues)
+        await jobs.save_job(
+            client, job(acct, "j", ["dbt run -s gate:never"]), account(acct), queues
+        )
         running = await jobs.trigger(client, acct, "j", TriggerRequest())
         queued = await jobs.trigger(client, acct, "j", TriggerRequest())
         await wait_for(lambda: fake_dbt.running == {running.run_id}, what="running")

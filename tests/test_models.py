@@ -30,7 +30,9 @@ def _job(**kw: Any) -> dict[str, Any]:
 
 
 def test_steps_are_kept_as_argv() -> None:
-    job = JobDefinition.model_validate(_job(execute_steps=["dbt run -s 'tag:nightly' --full-refresh"]))
+    job = JobDefinition.model_validate(
+        _job(execute_steps=["dbt run -s 'tag:nightly' --full-refresh"])
+    )
     assert job.execute_steps == [["dbt", "run", "-s", "tag:nightly", "--full-refresh"]]
 
 
@@ -97,7 +99,7 @@ def test_pull_request_trigger_requires_a_pr_id() -> None:
 
 
 def test_ci_job_cannot_have_a_schedule() -> None:
-    with pytest.raises(ValidationError, match="remove triggers.schedule"):
+    with pytest.raises(ValidationError, match=r"remove triggers\.schedule"):
         JobDefinition.model_validate(
             _job(job_type="ci", triggers={"schedule": {"cron": "0 * * * *"}})
         )
@@ -105,7 +107,7 @@ def test_ci_job_cannot_have_a_schedule() -> None:
 
 def test_account_durations_must_be_positive() -> None:
     with pytest.raises(ValidationError, match="positive duration"):
-        AccountSettings(account_id="a", max_queue_wait=0)  # type: ignore[arg-type]
+        AccountSettings.model_validate({"account_id": "a", "max_queue_wait": 0})
 
 
 def test_run_status_codes_and_names_are_dbt_clouds() -> None:

@@ -9,8 +9,11 @@ import pytest
 from tests.builders import job
 from workflows import policy
 from workflows.models import (
+    CompletionTrigger,
     FinishedRun,
+    JobDefinition,
     JobState,
+    JobTriggers,
     JobType,
     RunStatus,
     TriggerCause,
@@ -18,6 +21,7 @@ from workflows.models import (
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+NY = "America/New_York"
 
 
 def _utc(text: str) -> datetime:
@@ -32,14 +36,14 @@ def _utc(text: str) -> datetime:
         ("0 9 * * *", "Europe/Paris", "2026-07-01T00:00:00+00:00", "2026-07-01T09:00:00+02:00"),
         # Spring forward (America/New_York, 2026-03-08 02:00 -> 03:00): 02:30 does not exist
         # and fires at the end of the gap, 03:00 EDT.
-        ("30 2 * * *", "America/New_York", "2026-03-08T00:00:00-05:00", "2026-03-08T03:00:00-04:00"),
+        ("30 2 * * *", NY, "2026-03-08T00:00:00-05:00", "2026-03-08T03:00:00-04:00"),
         # ...and the next day is back to 02:30.
-        ("30 2 * * *", "America/New_York", "2026-03-08T03:00:00-04:00", "2026-03-09T02:30:00-04:00"),
+        ("30 2 * * *", NY, "2026-03-08T03:00:00-04:00", "2026-03-09T02:30:00-04:00"),
         # Fall back (2026-11-01 02:00 EDT -> 01:00 EST): 01:30 occurs twice, fires once (first).
-        ("30 1 * * *", "America/New_York", "2026-11-01T00:00:00-04:00", "2026-11-01T01:30:00-04:00"),
-        ("30 1 * * *", "America/New_York", "2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00"),
+        ("30 1 * * *", NY, "2026-11-01T00:00:00-04:00", "2026-11-01T01:30:00-04:00"),
+        ("30 1 * * *", NY, "2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00"),
         # An hourly job in the repeated hour: the second pass through 01:xx is skipped.
-        ("30 * * * *", "America/New_York", "2026-11-01T01:30:00-04:00", "2026-11-01T02:30:00-05:00"),
+        ("30 * * * *", NY, "2026-11-01T01:30:00-04:00", "2026-11-01T02:30:00-05:00"),
     ],
     ids=[
         "utc-quarter-hour", "paris-winter", "paris-summer", "dst-gap-fires-at-gap-end",
@@ -55,7 +59,7 @@ def test_hourly_cron_across_spring_forward_fires_once_per_wall_hour_without_dupl
     fires = []
     at = _utc("2026-03-08T00:00:00-05:00")
     for _ in range(5):
-        at = policy.next_cron_fire("0,30 * * * *", "America/New_York", at)
+        at = policy.next_cron_fire("0,30 * * * *", NY, at)
         fires.append(at.astimezone(UTC).strftime("%H:%M"))
     # 00:30 EST, 01:00, 01:30, then 02:00/02:30 fall in the gap -> both at 03:00 EDT (once),
     # then 03:30 EDT.
@@ -64,7 +68,7 @@ def test_hourly_cron_across_spring_forward_fires_once_per_wall_hour_without_dupl
 
 
 def _trigger(cause: TriggerCause, **kw: object) -> TriggerRequest:
-    return TriggerRequest(cause=cause, **kw)  # type: ignore[arg-type]
+    return TriggerRequest.model_validate({"cause": cause, **kw})
 
 
 def test_newer_scheduled_run_cancels_older_queued_scheduled_run_but_not_api_runs() -> None:
@@ -105,11 +109,11 @@ def test_queued_runs_expire_after_the_max_queue_wait() -> None:
     assert "waiting 30m 0s" in msg and "maximum queue wait of 30m 0s" in msg
 
 
-def _finish(st: JobState, j: object, status: RunStatus, n: int) -> bool:
-    return policy.record_finished(
-        j, st, FinishedRun(run_id=f"r{n}", cause=TriggerCause.SCHEDULED, status=status,  # type: ignore[arg-type]
-                           finished_at=T0)
+def _finish(st: JobState, j: JobDefinition, status: RunStatus, n: int) -> bool:
+    finished = FinishedRun(
+        run_id=f"r{n}", cause=TriggerCause.SCHEDULED, status=status, finished_at=T0
     )
+    return policy.record_finished(j, st, finished)
 
 
 def test_one_hundred_consecutive_failures_deactivate_and_a_manual_run_reactivates() -> None:
@@ -145,10 +149,8 @@ def test_dedupe_key_returns_the_first_run() -> None:
 
 
 def test_completion_trigger_matches_listed_job_and_status_only() -> None:
-    from workflows.models import CompletionTrigger, JobTriggers
-
-    b = job("a", "b", triggers=JobTriggers(on_job_completion=[
-        CompletionTrigger(job_id="a1", statuses=[RunStatus.SUCCESS, RunStatus.ERROR])]))  # fmt: skip
+    listed = CompletionTrigger(job_id="a1", statuses=[RunStatus.SUCCESS, RunStatus.ERROR])
+    b = job("a", "b", triggers=JobTriggers(on_job_completion=[listed]))
     assert policy.completion_matches(b, "a1", RunStatus.SUCCESS)
     assert policy.completion_matches(b, "a1", RunStatus.ERROR)
     assert not policy.completion_matches(b, "a1", RunStatus.CANCELLED)

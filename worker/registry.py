@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
@@ -13,8 +14,8 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.control import CONTROL_ACTIVITIES
 from activities.executor import Executor, ExecutorActivities
 from activities.telemetry import TelemetryActivities, TelemetrySink
-from workflows.models import TaskQueues
 from workflows.job import JobWorkflow
+from workflows.models import TaskQueues
 from workflows.run import RunWorkflow
 from workflows.slots import SlotsWorkflow
 
@@ -106,7 +107,5 @@ def build_workers(
     return workers
 
 
-def _seconds(value: float) -> Any:
-    from datetime import timedelta
-
+def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)

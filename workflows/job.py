@@ -11,6 +11,7 @@ so a bad trigger is refused before it touches history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from temporalio.exceptions import (
     ActivityError,
     CancelledError,
     ChildWorkflowError,
+    FailureError,
     TerminatedError,
     WorkflowAlreadyStartedError,
 )
@@ -89,21 +91,17 @@ class JobWorkflow:
                 if not self._dirty and not self._cancels:
                     self._continue_as_new()
             timeout = self._next_wakeup()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
                     timeout=timeout,
                     timeout_summary="next cron tick / queue deadline",
                 )
-            except TimeoutError:
-                pass
 
     def _continue_as_new(self) -> None:
         self.st.generation += 1
         workflow.continue_as_new(
-            JobWorkflowInput(
-                job=self.job, account=self.account, state=self.st, queues=self.queues
-            )
+            JobWorkflowInput(job=self.job, account=self.account, state=self.st, queues=self.queues)
         )
 
     # ------------------------------------------------------------------ triggers
@@ -135,9 +133,7 @@ class JobWorkflow:
         cancellations = policy.enqueue(self.job, self.st, req, run_id, workflow.now())
         self._apply_cancellations(cancellations)
         self._dirty = True
-        return TriggerResult(
-            run_id=run_id, cancelled_run_ids=[x.run_id for x in cancellations]
-        )
+        return TriggerResult(run_id=run_id, cancelled_run_ids=[x.run_id for x in cancellations])
 
     @workflow.signal(name=c.SIGNAL_UPSTREAM_FINISHED)
     def upstream_finished(self, raw: Any) -> None:
@@ -190,9 +186,7 @@ class JobWorkflow:
     @cancel_run.validator
     def _validate_cancel(self, req: CancelRequest) -> None:
         if not self._is_known(req.run_id):
-            raise ValueError(
-                f"run {req.run_id} is not queued or running in job {self.job.job_id}"
-            )
+            raise ValueError(f"run {req.run_id} is not queued or running in job {self.job.job_id}")
 
     @workflow.signal(name=c.SIGNAL_CANCEL_RUN)
     def cancel_run_signal(self, raw: Any) -> None:
@@ -404,7 +398,7 @@ class JobWorkflow:
                 start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
                 retry_policy=c.CONTROL_RETRY,
             )
-        except ActivityError as err:
+        except FailureError as err:
             workflow.logger.warning("orphan check failed: %s", err)
             return
         for run in carried:
@@ -433,8 +427,9 @@ class JobWorkflow:
         )
         if not policy.is_ci(self.job, TriggerRequest(cause=flight.cause, pr_id=flight.pr_id)):
             self.st.pending_notifications.append(
-                UpstreamFinished(job_id=self.job.job_id, run_id=finished.run_id,
-                                 status=finished.status)
+                UpstreamFinished(
+                    job_id=self.job.job_id, run_id=finished.run_id, status=finished.status
+                )
             )
         self._dirty = True
 
@@ -461,7 +456,9 @@ class JobWorkflow:
                     start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
                     retry_policy=c.CONTROL_RETRY,
                 )
-            except ActivityError as err:
+            except FailureError as err:
+                # Local activity failures can surface unwrapped (an ApplicationError rather
+                # than an ActivityError): catch the base so the entity never fails on them.
                 workflow.logger.warning("completion of %s not fanned out: %s", event.run_id, err)
         while self.st.pending_schema_drops:
             schema = self.st.pending_schema_drops.pop(0)

@@ -139,7 +139,9 @@ def _check_timezone(name: str) -> str:
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {name!r}; use an IANA name like 'Europe/Paris'") from None
+        raise ValueError(
+            f"unknown time zone {name!r}; use an IANA name like 'Europe/Paris'"
+        ) from None
     return name
 
 

@@ -161,9 +161,9 @@ def existing_run_for(state: JobState, trigger: TriggerRequest) -> str | None:
     if trigger.dedupe_key is not None and trigger.dedupe_key in state.dedupe:
         return state.dedupe[trigger.dedupe_key]
     if trigger.run_id is not None:
-        for run in [*state.queue, *state.in_flight]:
-            if run.run_id == trigger.run_id:
-                return run.run_id
+        known = [q.run_id for q in state.queue] + [r.run_id for r in state.in_flight]
+        if trigger.run_id in known:
+            return trigger.run_id
     return None
 
 
@@ -248,9 +248,7 @@ def next_queue_deadline(state: JobState, max_wait: timedelta) -> datetime | None
     return min((q.queued_at + max_wait for q in state.queue), default=None)
 
 
-def record_finished(
-    job: JobDefinition, state: JobState, finished: FinishedRun
-) -> bool:
+def record_finished(job: JobDefinition, state: JobState, finished: FinishedRun) -> bool:
     """Rule 8 bookkeeping. Returns True if this finish deactivated the job."""
     state.recent.append(finished)
     del state.recent[:-RECENT_RUNS_KEPT]
@@ -258,10 +256,7 @@ def record_finished(
         state.consecutive_failures = 0
     elif finished.status == RunStatus.ERROR:
         state.consecutive_failures += 1
-        if (
-            not state.deactivated
-            and state.consecutive_failures >= job.deactivate_after_failures
-        ):
+        if not state.deactivated and state.consecutive_failures >= job.deactivate_after_failures:
             state.deactivated = True
             return True
     return False
@@ -281,6 +276,5 @@ def reject(state: JobState, handler: str, reason: str, now: datetime) -> None:
 def completion_matches(job: JobDefinition, upstream_job_id: str, status: RunStatus) -> bool:
     """Rule 7: does a finished run of ``upstream_job_id`` trigger ``job``?"""
     return any(
-        t.job_id == upstream_job_id and status in t.statuses
-        for t in job.triggers.on_job_completion
+        t.job_id == upstream_job_id and status in t.statuses for t in job.triggers.on_job_completion
     )

@@ -9,6 +9,7 @@ told and before telemetry runs: nothing after the last step can hold capacity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,8 @@ from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     CancelledError,
+)
+from temporalio.exceptions import (
     TimeoutError as TemporalTimeoutError,
 )
 from temporalio.workflow import ActivityCancellationType
@@ -261,8 +264,12 @@ class RunWorkflow:
                     summary=" ".join(argv)[:200],
                 )
             except ActivityError as err:
-                step.status = RunStatus.ERROR
                 step.finished_at = workflow.now()
+                if isinstance(err.cause, CancelledError):
+                    # WAIT_CANCELLATION_COMPLETED: the process is dead; carry the cancel on.
+                    step.status = RunStatus.CANCELLED
+                    raise asyncio.CancelledError from err
+                step.status = RunStatus.ERROR
                 step.message = _failure_message(err)
                 step.exit_code = _exit_code(err)
                 self.r.status = RunStatus.ERROR
@@ -284,9 +291,10 @@ class RunWorkflow:
             await workflow.execute_activity(
                 "collect_artifacts",
                 ArtifactsInput(
-                    account_id=self.inp.account.account_id, run_id=self.inp.run_id,
+                    account_id=self.inp.account.account_id,
+                    run_id=self.inp.run_id,
                     workspace=workspace,
-                ),  # fmt: skip
+                ),
                 result_type=ArtifactsResult,
                 task_queue=self.inp.queues.steps,
                 start_to_close_timeout=c.ARTIFACTS_TIMEOUT,
@@ -314,9 +322,11 @@ class RunWorkflow:
             await workflow.get_external_workflow_handle(self.inp.job_workflow_id).signal(
                 c.SIGNAL_RUN_FINISHED,
                 RunFinished(
-                    run_id=self.inp.run_id, status=self.r.status,
-                    message=self.r.status_message, finished_at=self.r.finished_at,
-                ),  # fmt: skip
+                    run_id=self.inp.run_id,
+                    status=self.r.status,
+                    message=self.r.status_message,
+                    finished_at=self.r.finished_at,
+                ),
             )
         except Exception as err:  # noqa: BLE001 - the job also watches this workflow's result
             workflow.logger.warning("job %s not told: %s", self.inp.job_workflow_id, err)
@@ -324,8 +334,11 @@ class RunWorkflow:
             try:
                 await workflow.execute_activity(
                     "cleanup_run",
-                    CleanupInput(account_id=account_id, run_id=self.inp.run_id,
-                                 workspace=prepared[0].workspace),
+                    CleanupInput(
+                        account_id=account_id,
+                        run_id=self.inp.run_id,
+                        workspace=prepared[0].workspace,
+                    ),
                     task_queue=self.inp.queues.steps,
                     start_to_close_timeout=c.CLEANUP_TIMEOUT,
                     heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
@@ -368,10 +381,8 @@ def initial_search_attributes(inp: RunInput) -> TypedSearchAttributes:
 
 async def _settle(task: asyncio.Task[None]) -> None:
     """Wait for a cancelled task to finish its cleanup, swallowing its cancellation."""
-    try:
+    with contextlib.suppress(asyncio.CancelledError, ActivityError):
         await task
-    except (asyncio.CancelledError, ActivityError):
-        pass
 
 
 def _failure_message(err: ActivityError) -> str:

@@ -11,6 +11,7 @@ the semaphore every job of the account depends on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -56,21 +57,21 @@ class SlotsWorkflow:
                     self.s.generation += 1
                     workflow.continue_as_new(self.s)
             deadlines = [h.lease_expires_at for h in self.s.holders]
-            if self.s.holders or self.s.waiters:
+            if self.s.holders:
+                # Only holders can leak capacity. A dead waiter needs no timer: its grant
+                # fails and the next waiter is served (and a reap pass drops it too).
                 deadlines.append(next_reap)
             timeout = None
             if deadlines:
                 timeout = max(min(deadlines) - workflow.now(), MIN_WAIT)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
                     timeout=timeout,
                     timeout_summary="reap holders / lease expiry",
                 )
-            except TimeoutError:
-                pass
             if workflow.now() >= next_reap:
-                if self.s.holders or self.s.waiters:
+                if self.s.holders:
                     await self._reap()
                 next_reap = workflow.now() + self.s.reap_interval
 
@@ -173,7 +174,9 @@ class SlotsWorkflow:
 
     async def _reap(self) -> None:
         """Free the slots (and queued requests) of workflows that are no longer running."""
-        ids = sorted({h.workflow_id for h in self.s.holders} | {w.workflow_id for w in self.s.waiters})
+        ids = sorted(
+            {h.workflow_id for h in self.s.holders} | {w.workflow_id for w in self.s.waiters}
+        )
         try:
             closed = await workflow.execute_activity(
                 closed_workflows,
@@ -198,4 +201,3 @@ class SlotsWorkflow:
         workflow.logger.warning("rejected %s message: %s", handler, err)
         self.s.rejected.append(Rejected(at=workflow.now(), handler=handler, reason=str(err)[:500]))
         del self.s.rejected[: -c.REJECTED_KEPT]
-

@@ -1,0 +1,186 @@
+"""``python -m worker`` / ``runslot worker``: one worker pool against a Temporal server.
+
+Runs until SIGINT or SIGTERM, then shuts down gracefully: pollers stop, running activities
+get ``graceful_shutdown_seconds`` to finish before they are cancelled (a cancelled dbt step
+kills its process group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from temporalio.client import Client
+
+from activities.local import LocalExecutor, LocalExecutorSettings
+from activities.telemetry import LogSink
+from starter.client import connect
+from worker.logging import LogLevel, configure_logging
+from worker.registry import Pools, build_workers
+from worker.settings import Pool, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(".runslot")
+CONNECT_RETRY_SECONDS = 0.5
+PARENT_CHECK_SECONDS = 1.0
+
+
+def command(  # keyword-only: typer maps each parameter to an option
+    *,
+    pool: Annotated[Pool, typer.Option(help="The worker pool to run.")] = Pool.ALL,
+    temporal_address: Annotated[
+        str,
+        typer.Option(envvar="RUNSLOT_TEMPORAL_ADDRESS", help="host:port of the Temporal frontend."),
+    ] = "127.0.0.1:7233",
+    namespace: Annotated[
+        str, typer.Option(envvar="RUNSLOT_NAMESPACE", help="Temporal namespace.")
+    ] = "default",
+    data_dir: Annotated[Path, typer.Option(help="Where run workspaces are kept.")] = DATA_DIR,
+    max_concurrent_steps: Annotated[
+        int, typer.Option(min=1, help="dbt steps this worker runs at once.")
+    ] = 4,
+    step_activities_per_second: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Task-queue-wide limit on prep/step starts per second (0: no limit)."
+        ),
+    ] = 20.0,
+    graceful_shutdown_seconds: Annotated[
+        float, typer.Option(min=0, help="Time running steps get to finish on shutdown.")
+    ] = 30.0,
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.INFO,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Run a worker pool until SIGINT/SIGTERM."""
+    settings = WorkerSettings(
+        pool=pool,
+        temporal_address=temporal_address,
+        namespace=namespace,
+        data_dir=data_dir,
+        max_concurrent_steps=max_concurrent_steps,
+        step_activities_per_second=step_activities_per_second or None,
+        graceful_shutdown_seconds=graceful_shutdown_seconds,
+        log_level=log_level,
+        parent_pid=parent_pid,
+    )
+    configure_logging(settings.log_level, tag=settings.pool.value)
+    raise typer.Exit(asyncio.run(serve(settings)))
+
+
+def main() -> None:
+    """Entry point of ``python -m worker``."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    exit_without_finalizing(lambda: app(prog_name="python -m worker"))
+
+
+def exit_without_finalizing(run: Callable[[], object]) -> NoReturn:
+    """Run a command, flush output, then ``os._exit`` with its exit code.
+
+    The Temporal client's Rust threads can outlive the event loop; when the interpreter
+    finalizes under them, CPython 3.11 sometimes aborts with "PyGILState_Release: thread
+    state ... must be current" (temporalio/sdk-python#300), turning a clean shutdown into
+    exit code 134. Everything is already shut down here, so skipping finalization is safe.
+    """
+    code = 0
+    try:
+        run()
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            sys.stderr.write(f"{exit_.code}\n")  # what SystemExit would have printed
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def serve(settings: WorkerSettings) -> int:
+    """Run the configured pool until a stop signal; return the process exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = None
+    if settings.parent_pid is not None:
+        watchdog = asyncio.create_task(_stop_when_orphaned(settings.parent_pid, stop))
+    try:
+        client = await _connect(settings, stop)
+        if client is None:
+            return 0 if stop.is_set() else 1
+        return await _run_workers(client, settings, stop)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _connect(settings: WorkerSettings, stop: asyncio.Event) -> Client | None:
+    """Connect, retrying while the server starts; None if stopped or timed out."""
+    deadline = asyncio.get_running_loop().time() + settings.connect_timeout_seconds
+    while True:
+        try:
+            return await connect(settings.temporal_address, settings.namespace)
+        except RuntimeError as err:
+            if asyncio.get_running_loop().time() >= deadline:
+                log.error("cannot connect to Temporal at %s: %s", settings.temporal_address, err)
+                return None
+        try:
+            await asyncio.wait_for(stop.wait(), CONNECT_RETRY_SECONDS)
+            return None
+        except TimeoutError:
+            continue
+
+
+async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.Event) -> int:
+    executor = LocalExecutor(LocalExecutorSettings(workspace_root=settings.workspace_root))
+    workers = build_workers(
+        client,
+        Pools(executor=executor, telemetry=LogSink()),
+        which=settings.pool_names,
+        max_concurrent_steps=settings.max_concurrent_steps,
+        step_activities_per_second=settings.step_activities_per_second,
+        max_cached_workflows=settings.max_cached_workflows,
+        graceful_shutdown_seconds=settings.graceful_shutdown_seconds,
+    )
+    try:
+        # Leaving the stack shuts every worker down; a worker that fails fatally cancels
+        # the wait below and its error is raised here.
+        async with AsyncExitStack() as stack:
+            for worker in workers:
+                await stack.enter_async_context(worker)
+            log.info(
+                "pool %s polling %s at %s (namespace %s)",
+                settings.pool.value,
+                ", ".join(w.task_queue for w in workers),
+                settings.temporal_address,
+                settings.namespace,
+            )
+            await stop.wait()
+            log.info("pool %s stopping", settings.pool.value)
+    except Exception:
+        log.exception("worker pool %s failed", settings.pool.value)
+        return 1
+    log.info("pool %s stopped", settings.pool.value)
+    return 0
+
+
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    # Reparenting (to init or a subreaper) is how a child learns its parent died, even
+    # from SIGKILL: `runslot dev` must never leave workers polling behind it.
+    while True:
+        if os.getppid() != parent_pid:
+            break
+        await asyncio.sleep(PARENT_CHECK_SECONDS)
+    log.warning("parent process %d is gone: stopping", parent_pid)
+    stop.set()
