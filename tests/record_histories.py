@@ -87,8 +87,13 @@ async def main() -> None:
         await wait_run(client, acct, after[0])
         for job_id in ("deploy", "after", "ci"):
             await _save(client, c.job_workflow_id(acct, job_id), f"job-{job_id}")
-        for name, run_id in [("run-success", first.run_id), ("run-error", failed.run_id),
-                             ("run-ci-superseded", old.run_id), ("run-ci", new.run_id)]:  # fmt: skip
+        runs = {
+            "run-success": first.run_id,
+            "run-error": failed.run_id,
+            "run-ci-superseded": old.run_id,
+            "run-ci": new.run_id,
+        }
+        for name, run_id in runs.items():
             await _save(client, c.run_workflow_id(acct, run_id), name)
         await _save(client, c.slots_workflow_id(acct), "slots")
     await env.shutdown()
