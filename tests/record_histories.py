@@ -83,9 +83,19 @@ async def main() -> None:
             c.SIGNAL_PR_CLOSED, PullRequestClosed(pr_id=7)
         )
         await wait_for(lambda: fake.dropped_schemas)
+        # Deactivation after consecutive failures, then Run now reactivates.
+        flaky = job(acct, "flaky", ["dbt run -s fail"], deactivate_after_failures=2)
+        await jobs.save_job(client, flaky, settings, queues)
+        for _ in range(2):
+            res = await jobs.trigger(client, acct, "flaky", TriggerRequest())
+            await wait_run(client, acct, res.run_id)
+        manual = await jobs.trigger(
+            client, acct, "flaky", TriggerRequest(cause=TriggerCause.MANUAL)
+        )
+        await wait_run(client, acct, manual.run_id)
         after = await wait_for(lambda: _recent(client, acct, "after"))
         await wait_run(client, acct, after[0])
-        for job_id in ("deploy", "after", "ci"):
+        for job_id in ("deploy", "after", "ci", "flaky"):
             await _save(client, c.job_workflow_id(acct, job_id), f"job-{job_id}")
         runs = {
             "run-success": first.run_id,

@@ -5,13 +5,15 @@ The executor is the fake dbt of tests/fakes.py, so a test decides when a step en
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
 from starter import jobs
 from tests.builders import account, job, statuses, wait_for, wait_run
-from tests.conftest import running_stack, unique
+from tests.conftest import find_binary, running_stack, unique
 from tests.fakes import FakeDbtExecutor
 from workflows import constants as c
 from workflows.models import (
@@ -185,6 +187,9 @@ async def test_consecutive_failures_deactivate_the_job_and_run_now_reactivates_i
         with pytest.raises(WorkflowUpdateFailedError) as info:
             await jobs.trigger(client, acct, "j", TriggerRequest(cause=TriggerCause.API))
         assert "deactivated after 3 consecutive failed runs" in str(info.value.cause)
+        query = f"RunslotAccount = '{acct}' AND RunslotStatus = 'Deactivated'"
+        found = await wait_for(lambda: _ids(client, query), what="deactivated job is listed")
+        assert found == [c.job_workflow_id(acct, "j")]
         manual = await jobs.trigger(client, acct, "j", TriggerRequest(cause=TriggerCause.MANUAL))
         assert (await wait_run(client, acct, manual.run_id)).status == RunStatus.ERROR
         # Saving the job (fixed) reactivates it too.
@@ -193,6 +198,10 @@ async def test_consecutive_failures_deactivate_the_job_and_run_now_reactivates_i
         )
         fixed = await jobs.trigger(client, acct, "j", TriggerRequest())
         assert (await wait_run(client, acct, fixed.run_id)).status == RunStatus.SUCCESS
+
+
+async def _ids(client: Client, query: str) -> list[str]:
+    return [w.id async for w in client.list_workflows(query)]
 
 
 async def _deactivated(client: Client, acct: str) -> bool:
@@ -241,3 +250,32 @@ async def test_bad_trigger_update_is_rejected_and_a_bad_signal_is_recorded_not_r
         desc = await jobs.describe_job(client, acct, "j")
     assert [r.handler for r in desc.state.rejected] == ["trigger", "trigger", "triger"]
     assert [r.run_id for r in desc.state.recent] == [ok.run_id]
+
+
+async def test_a_run_cancelled_with_the_temporal_cli_ends_cancelled_and_frees_its_slot(
+    dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor
+) -> None:
+    client, acct = dev_env.client, unique("tcancel")
+    async with running_stack(client, fake_dbt) as queues:
+        await jobs.save_job(
+            client, job(acct, "j", ["dbt run -s gate:never"]), account(acct), queues
+        )
+        running = await jobs.trigger(client, acct, "j", TriggerRequest())
+        queued = await jobs.trigger(client, acct, "j", TriggerRequest())
+        await wait_for(lambda: fake_dbt.running == {running.run_id}, what="running")
+        proc = await asyncio.create_subprocess_exec(
+            find_binary("temporal"), "workflow", "cancel",
+            "--address", client.service_client.config.target_host,
+            "--workflow-id", c.run_workflow_id(acct, running.run_id),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await proc.communicate()
+        assert proc.returncode == 0, output.decode()
+        result = await wait_run(client, acct, running.run_id, timeout=15)
+        # The job moves on to its next run: the slot came back and the queue is not stuck.
+        await wait_for(lambda: queued.run_id in fake_dbt.running, timeout=15, what="next run")
+        await jobs.cancel_run(client, acct, "j", queued.run_id)
+        await wait_run(client, acct, queued.run_id, timeout=15)
+    assert result.status == RunStatus.CANCELLED
+    assert result.steps[0].status == RunStatus.CANCELLED
+    assert fake_dbt.cancelled_steps == [running.run_id, queued.run_id]

@@ -130,7 +130,10 @@ class JobWorkflow:
         if existing is not None:
             return TriggerResult(run_id=existing, deduplicated=True)
         run_id = policy.allocate_run_id(self.job, self.st, req)
+        was_deactivated = self.st.deactivated
         cancellations = policy.enqueue(self.job, self.st, req, run_id, workflow.now())
+        if was_deactivated and not self.st.deactivated:
+            self._show_activation()  # a manual "Run now" reactivated the job
         self._apply_cancellations(cancellations)
         self._dirty = True
         return TriggerResult(run_id=run_id, cancelled_run_ids=[x.run_id for x in cancellations])
@@ -162,7 +165,10 @@ class JobWorkflow:
         self.job = upd.job
         if upd.account is not None:
             self.account = upd.account
+        was_deactivated = self.st.deactivated
         policy.reactivate(self.st)
+        if was_deactivated:
+            self._show_activation()
         if self._upstream() != upstream_before:
             workflow.upsert_search_attributes([c.SA_UPSTREAM.value_set(self._upstream())])
         self._dirty = True
@@ -439,6 +445,12 @@ class JobWorkflow:
                 "job %s deactivated after %d consecutive failed runs",
                 self.job.job_id, self.st.consecutive_failures,
             )  # fmt: skip
+            self._show_activation()
+
+    def _show_activation(self) -> None:
+        """Only on a change, so `RunslotStatus='Deactivated'` finds deactivated jobs."""
+        status = "Deactivated" if self.st.deactivated else "Active"
+        workflow.upsert_search_attributes([c.SA_STATUS.value_set(status)])
 
     async def _flush_side_effects(self) -> None:
         while self.st.pending_notifications:
@@ -523,9 +535,11 @@ def _finished_from_child_error(run_id: str, err: ChildWorkflowError) -> RunFinis
 
 
 def job_search_attributes(inp: JobWorkflowInput) -> TypedSearchAttributes:
+    deactivated = inp.state is not None and inp.state.deactivated
     pairs: list[SearchAttributePair[Any]] = [
         SearchAttributePair(c.SA_ACCOUNT, inp.account.account_id),
         SearchAttributePair(c.SA_JOB, inp.job.job_id),
+        SearchAttributePair(c.SA_STATUS, "Deactivated" if deactivated else "Active"),
     ]
     upstream = sorted({t.job_id for t in inp.job.triggers.on_job_completion})
     if upstream:
