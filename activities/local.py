@@ -111,6 +111,7 @@ class LocalExecutor:
         project = _copy_project(env, workspace / "project")
         profile_name = _profile_name(project)
         output: dict[str, object] = {**env.profile, "threads": request.threads}
+        _ensure_duckdb_dir(output)
         if request.schema_override:
             output["schema"] = request.schema_override
         profiles = {
@@ -276,6 +277,14 @@ def _copy_project(env: Environment, dest: Path) -> Path:
         source, dest, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb", ".user.yml")
     )
     return dest
+
+
+def _ensure_duckdb_dir(output: dict[str, object]) -> None:
+    """DuckDB creates its file but not the directory: a missing one fails every step."""
+    path = output.get("path")
+    local_file = isinstance(path, str) and os.path.isabs(path) and "://" not in path
+    if output.get("type") == "duckdb" and local_file:
+        Path(str(path)).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _profile_name(project: Path) -> str:

@@ -28,14 +28,16 @@ SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "jaffle"
 OPS = "--vars '{ops_enabled: true, sleep_seconds: 120, megabytes: 900}'"
 
 
-def _job(acct: str, steps: list[str], tmp_path: Path, **kw: object) -> JobDefinition:
+def _job(
+    acct: str, steps: list[str], tmp_path: Path, warehouse: Path | None = None, **kw: object
+) -> JobDefinition:
     return JobDefinition(
         account_id=acct,
         job_id="j",
         name="sample",
         environment=Environment(
             project_dir=str(SAMPLE),
-            profile={"type": "duckdb", "path": str(tmp_path / "warehouse.duckdb")},
+            profile={"type": "duckdb", "path": str(warehouse or tmp_path / "warehouse.duckdb")},
             env_vars={"RUNSLOT_TEST": "1"},
         ),
         execute_steps=steps,
@@ -60,9 +62,10 @@ async def test_a_real_dbt_run_succeeds_with_logs_and_artifacts(
     client, acct = dev_env.client, unique("dbt")
     executor = LocalExecutor(LocalExecutorSettings(workspace_root=tmp_path / "ws"))
     async with running_stack(client, executor) as queues:
-        await jobs.save_job(
-            client, _job(acct, ["dbt seed", "dbt run"], tmp_path), account(acct), queues
-        )
+        # The warehouse's directory does not exist yet: prep creates it, as DuckDB will not.
+        warehouse = tmp_path / "not" / "yet" / "warehouse.duckdb"
+        definition = _job(acct, ["dbt seed", "dbt run"], tmp_path, warehouse=warehouse)
+        await jobs.save_job(client, definition, account(acct), queues)
         res = await jobs.trigger(client, acct, "j", TriggerRequest())
         run = await wait_run(client, acct, res.run_id, timeout=120)
     assert run.status == RunStatus.SUCCESS, run.status_message
@@ -74,6 +77,7 @@ async def test_a_real_dbt_run_succeeds_with_logs_and_artifacts(
     assert (workspace / "artifacts" / "manifest.json").exists()
     assert not (workspace / "project").exists(), "the checkout is cleaned up after the run"
     assert run.prep_time is not None and run.wait_time is not None
+    assert warehouse.exists()
 
 
 async def test_a_run_over_the_account_memory_limit_ends_in_error_with_dbt_clouds_message(
