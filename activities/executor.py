@@ -60,25 +60,19 @@ class ExecutorActivities:
 
     @activity.defn(name="run_step")
     async def run_step(self, request: StepInput) -> StepOutcome:
-        last_line = ""
+        lines = 0
 
         def progress(line: str) -> None:
-            nonlocal last_line
-            last_line = line[-200:]
+            nonlocal lines
+            lines += 1
 
-        async def beat() -> None:
-            # A worker that is alive heartbeats; a dead worker stops and the step times out
-            # on STEP_HEARTBEAT_TIMEOUT. A hung dbt process is bounded by the run timeout,
-            # which the executor enforces inside the activity too.
-            while True:
-                activity.heartbeat(last_line)
-                await asyncio.sleep(HEARTBEAT_EVERY)
-
-        ticker = asyncio.create_task(beat())
-        try:
-            return await self._executor.run_step(request, progress)
-        finally:
-            ticker.cancel()
+        # Heartbeats say the worker is alive (a dead one times out on STEP_HEARTBEAT_TIMEOUT)
+        # and carry progress as a line count, never output text: heartbeat details reach
+        # history on a timeout, and dbt output can hold a DSN or a password. A hung dbt
+        # process is bounded by the run timeout, which the executor also enforces.
+        return await self._with_heartbeats(
+            self._executor.run_step(request, progress), lambda: f"{lines} lines of output"
+        )
 
     @activity.defn(name="collect_artifacts")
     async def collect_artifacts(self, request: ArtifactsInput) -> ArtifactsResult:
@@ -93,12 +87,12 @@ class ExecutorActivities:
         await self._with_heartbeats(self._executor.drop_schema(request))
 
     @staticmethod
-    async def _with_heartbeats(work: Awaitable[T]) -> T:
+    async def _with_heartbeats(work: Awaitable[T], details: Callable[[], str] = lambda: "") -> T:
         """Heartbeat while ``work`` runs so cancellation and a dead worker are noticed."""
 
         async def beat() -> None:
             while True:
-                activity.heartbeat()
+                activity.heartbeat(details())
                 await asyncio.sleep(HEARTBEAT_EVERY)
 
         ticker = asyncio.create_task(beat())

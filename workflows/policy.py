@@ -6,6 +6,7 @@ deterministic: no wall clock (callers pass ``now``), no randomness.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -213,8 +214,9 @@ def enqueue(
     return cancellations
 
 
-def _drop_queued(state: JobState, match: object, message: str) -> list[Cancellation]:
-    assert callable(match)
+def _drop_queued(
+    state: JobState, match: Callable[[QueuedRun], bool], message: str
+) -> list[Cancellation]:
     dropped = [q for q in state.queue if match(q)]
     state.queue = [q for q in state.queue if not match(q)]
     return [Cancellation(q.run_id, message, running=False, cause=q.trigger.cause) for q in dropped]
