@@ -25,6 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from starter import jobs
 from starter.client import connect
+from starter.demo import DEMO_ACCOUNT, seed_demo
 from starter.devserver import DevServerError, DevSettings, DevStack
 from worker import main as worker_main
 from worker.logging import LogLevel, configure_logging
@@ -103,6 +104,10 @@ def dev(
     log_level: Annotated[LogLevel, typer.Option(help="Log level of the workers.")] = (
         LogLevel.INFO
     ),
+    demo: Annotated[
+        bool,
+        typer.Option(help="On a new data dir, create the demo account and queue a first run."),
+    ] = True,
 ) -> None:
     """Run the embedded stack: a Temporal dev server and one worker per pool, until Ctrl-C."""
     settings = DevSettings(
@@ -113,9 +118,21 @@ def dev(
         max_concurrent_steps=max_concurrent_steps,
         step_activities_per_second=step_activities_per_second or None,
         worker_log_level=log_level,
+        demo=demo,
     )
     configure_logging(settings.worker_log_level, tag="dev")
     raise typer.Exit(asyncio.run(_dev(settings)))
+
+
+async def _seed_demo(settings: DevSettings, stack: DevStack) -> None:
+    client = await connect(settings.address)
+    first = await seed_demo(client, stack.data_dir)
+    if first is not None:
+        out.print(
+            f"Demo: account [bold]{DEMO_ACCOUNT}[/] with jobs [bold]build[/] (every 5 minutes) "
+            f"and [bold]docs[/] (after each build); run [bold]{first}[/] is running now. "
+            f"Watch it: runslot job {DEMO_ACCOUNT} build --temporal-address {settings.address}"
+        )
 
 
 async def _dev(settings: DevSettings) -> int:
@@ -148,6 +165,8 @@ async def _dev(settings: DevSettings) -> int:
             return 0
         start.result()
         _print_stack(settings, stack)
+        if settings.demo:
+            await _seed_demo(settings, stack)
         exited = asyncio.create_task(stack.wait_for_exit())
         await asyncio.wait({exited, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
         if exited.done():

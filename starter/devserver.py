@@ -83,6 +83,8 @@ class DevSettings(BaseModel):
     """Shorter than a production worker's: Ctrl-C on a laptop should not take long."""
     worker_log_level: LogLevel = LogLevel.INFO
     startup_timeout_seconds: float = Field(default=60.0, gt=0)
+    demo: bool = True
+    """Create the demo account (jobs on sample/jaffle, a first run) on a new data dir."""
 
     @property
     def address(self) -> str:

@@ -12,19 +12,30 @@ import contextlib
 import json
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 import pytest
 import pytest_asyncio
+from temporalio.client import Client
 
 from starter import jobs
 from starter.client import connect
 from starter.devserver import DevSettings, server_argv
+from tests.builders import wait_run
 from tests.conftest import find_binary
 from workflows.constants import SA_ACCOUNT, SEARCH_ATTRIBUTES
-from workflows.models import AccountSettings, Environment, JobDefinition
+from workflows.models import (
+    AccountSettings,
+    Environment,
+    JobDefinition,
+    RunResult,
+    RunStatus,
+    TriggerCause,
+)
 
 READY_LINE = "Press Ctrl-C to stop."
 START_TIMEOUT = 30.0
@@ -41,8 +52,11 @@ def free_port() -> int:
 class DevProcess:
     """One ``runslot dev`` subprocess and the processes it started."""
 
-    def __init__(self, data_dir: Path, log: Path, port: int, ui_port: int) -> None:
+    def __init__(
+        self, data_dir: Path, log: Path, port: int, ui_port: int, *, demo: bool = False
+    ) -> None:
         self.data_dir, self.log, self.port, self.ui_port = data_dir, log, port, ui_port
+        self.demo = demo
         self.proc: asyncio.subprocess.Process | None = None
         self.children: list[psutil.Process] = []
 
@@ -60,6 +74,7 @@ class DevProcess:
                 "--data-dir", str(self.data_dir),
                 "--port", str(self.port),
                 "--ui-port", str(self.ui_port),
+                "--demo" if self.demo else "--no-demo",
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         async with asyncio.timeout(START_TIMEOUT):
@@ -94,7 +109,8 @@ class DevProcess:
         return [" ".join(p.cmdline()[:4]) for p in alive]
 
 
-Launch = Callable[[Path], Awaitable[DevProcess]]
+class Launch(Protocol):
+    def __call__(self, data_dir: Path, *, demo: bool = False) -> Awaitable[DevProcess]: ...
 
 
 @pytest_asyncio.fixture
@@ -102,8 +118,9 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     """Start ``runslot dev`` on a data dir (free ports each time); stop everything after."""
     started: list[DevProcess] = []
 
-    async def start(data_dir: Path) -> DevProcess:
-        dev = DevProcess(data_dir, tmp_path / f"dev-{len(started)}.log", free_port(), free_port())
+    async def start(data_dir: Path, *, demo: bool = False) -> DevProcess:
+        log = tmp_path / f"dev-{len(started)}.log"
+        dev = DevProcess(data_dir, log, free_port(), free_port(), demo=demo)
         started.append(dev)
         await dev.start()
         return dev
@@ -287,3 +304,29 @@ async def test_dev_registers_search_attributes_an_older_data_dir_lacks(
     for key in SEARCH_ATTRIBUTES:
         assert registered.get(key.name) == f"INDEXED_VALUE_TYPE_{key.indexed_value_type.name}"
     assert await dev.stop() == 0, dev.output()
+
+
+async def test_a_new_stack_shows_a_successful_demo_run_within_a_minute(
+    launch: Launch, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    dev = await launch(tmp_path / "data", demo=True)
+    client = await connect(dev.address)
+    first = await wait_run(client, "demo", "build-1", timeout=60)
+    elapsed = time.monotonic() - started
+    assert first.status == RunStatus.SUCCESS, first.status_message
+    assert [s.name for s in first.steps] == ["dbt seed", "dbt build"]
+    assert elapsed < 60, f"first demo run took {elapsed:.0f}s from `runslot dev`"
+    # Its completion triggers the docs job (rule 7) on the real stack.
+    docs = await asyncio.wait_for(_first_run_of(client, "docs"), 60)
+    assert docs.status == RunStatus.SUCCESS, docs.status_message
+    assert docs.cause == TriggerCause.JOB_COMPLETION
+    assert await dev.stop() == 0
+
+
+async def _first_run_of(client: Client, job_id: str) -> RunResult:
+    while True:
+        recent = (await jobs.describe_job(client, "demo", job_id)).state.recent
+        if recent:
+            return await jobs.run_result(client, "demo", recent[0].run_id)
+        await asyncio.sleep(0.5)
