@@ -1,0 +1,1 @@
+"""Revisions, one file each (``rNNNN_slug.py``; the revision id is ``NNNN``)."""

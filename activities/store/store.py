@@ -1,0 +1,379 @@
+"""``RunStore``: the read model of accounts, jobs, runs, steps and API tokens.
+
+Temporal stays the source of truth for what is scheduled; the store is what the API and the
+CLI read. Every write is idempotent (an upsert keyed by id or key), so a retried activity
+never duplicates a row. The engine is synchronous: async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from activities.store import jobs, migrate, queries, runs, tokens
+from activities.store.engine import WRITE, create_store_engine
+from activities.store.records import (
+    Page,
+    Quarantined,
+    StoredAccount,
+    StoredJob,
+    StoredRun,
+    account_record,
+    job_record,
+    read_or_quarantine,
+    run_record,
+)
+from activities.store.schema import AccountRow, JobRow, RunRow
+from workflows.models import (
+    AccountSettings,
+    JobDefinition,
+    RecordRunInput,
+    RecordRunResult,
+    RunStatus,
+    TriggerRequest,
+)
+
+T = TypeVar("T")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RunStore:
+    """The run store on one database (``sqlite:///path`` or ``postgresql+psycopg://…``)."""
+
+    def __init__(self, url: str | sa.URL, *, clock: Callable[[], datetime] = _utcnow) -> None:
+        self.engine = create_store_engine(url)
+        self._clock = clock
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ schema
+
+    def migrate(self) -> None:
+        """Upgrade the schema to the newest revision (a no-op when it is there already)."""
+        migrate.upgrade(self.engine, "head")
+
+    def downgrade(self, revision: str) -> None:
+        """Downgrade the schema to ``revision`` (``"base"`` drops everything). For tests."""
+        migrate.downgrade(self.engine, revision)
+
+    # ------------------------------------------------------------------ accounts
+
+    def upsert_account(self, settings: AccountSettings) -> None:
+        self._write_retrying(
+            lambda s: jobs.put_account(s, settings, overwrite=True, now=self._clock())
+        )
+
+    def get_account(self, account_id: str) -> StoredAccount | None:
+        with self._read() as s:
+            row = s.get(AccountRow, account_id)
+            if row is None:
+                return None
+            return read_or_quarantine("accounts", account_id, lambda: account_record(row), [])
+
+    # ------------------------------------------------------------------ jobs
+
+    def upsert_job(
+        self,
+        definition: JobDefinition,
+        job_id: int | None = None,
+        *,
+        deactivated: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Save a job, keyed by (account, ``definition.job_id``).
+
+        Args:
+            definition: The job as saved. Its account row is created with default limits
+                if it does not exist yet.
+            job_id: The job's store id when the caller knows it (an API update): the job
+                must exist under that id with the definition's key.
+            deactivated: Stored as given; False by default, so saving reactivates a job.
+            extra: dbt Cloud job fields Runslot does not model (``description``, ...), echoed
+                back by the API. None keeps the stored ones.
+
+        Returns:
+            The job's store id: allocated when the job is new, the same one ever after.
+
+        Raises:
+            UnknownJobError: ``job_id`` is not a job of this account.
+            InvalidRecordError: The key does not match ``job_id``'s, or a new key is made of
+                digits only (reserved for the ids the store allocates).
+        """
+        return self._write_retrying(
+            lambda s: jobs.put_job(
+                s,
+                definition,
+                job_id=job_id,
+                deactivated=deactivated,
+                extra=extra,
+                now=self._clock(),
+            )
+        )
+
+    def create_job(
+        self, definition: JobDefinition, *, extra: Mapping[str, Any] | None = None
+    ) -> int:
+        """Create a job keyed by its new id (``key = str(id)``), as the API's create call does.
+
+        ``definition.job_id`` is replaced by that key. Not idempotent, like the API call.
+        """
+        return self._write_retrying(
+            lambda s: jobs.create_job(s, definition, extra=extra, now=self._clock())
+        )
+
+    def set_job_state(self, account_id: str, job_id: int, state: int) -> bool:
+        """dbt Cloud's soft delete (``state=2``) and undelete (1). False: no such job."""
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.account_id != account_id:
+                return False
+            row.state = state
+            row.updated_at = self._clock()
+            return True
+
+    def get_job(self, account_id: str, job_id: int) -> StoredJob | None:
+        return self._one_job(account_id, JobRow.id == job_id)
+
+    def get_job_by_key(self, account_id: str, key: str) -> StoredJob | None:
+        return self._one_job(account_id, JobRow.key == key)
+
+    def list_jobs(
+        self,
+        account_id: str,
+        *,
+        state: int | None = 1,
+        name_contains: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        order_by: str = "id",
+    ) -> Page[StoredJob]:
+        """Jobs of an account; ``state=None`` includes deleted ones (dbt Cloud hides them)."""
+        query = sa.select(JobRow).where(JobRow.account_id == account_id)
+        if state is not None:
+            query = query.where(JobRow.state == state)
+        if name_contains:
+            query = query.where(JobRow.name.icontains(name_contains, autoescape=True))
+        quarantined: list[Quarantined] = []
+        with self._read() as s:
+            total = queries.count(s, query)
+            paged = queries.page(
+                query, queries.JOB_ORDER, order_by=order_by, limit=limit, offset=offset
+            )
+            items = [
+                job
+                for row in s.scalars(paged)
+                if (job := read_or_quarantine("jobs", row.id, _bind(job_record, row), quarantined))
+            ]
+        return Page(items=items, total_count=total, quarantined=quarantined)
+
+    # ------------------------------------------------------------------ runs
+
+    def allocate_run(
+        self,
+        account_id: str,
+        job_key: str,
+        request_key: str,
+        *,
+        trigger: TriggerRequest | None = None,
+    ) -> int:
+        """Allocate a run: insert it as Queued, once per request key.
+
+        Args:
+            account_id: The account.
+            job_key: The job's key (its Temporal-level id).
+            request_key: Idempotency key: the same key of the same account always returns
+                the same run, concurrent calls included.
+            trigger: Cause and overrides, stored for the API's ``run.trigger``.
+
+        Returns:
+            The run's store id. Its key (the Temporal-level run id) is ``str(id)``.
+
+        Raises:
+            UnknownJobError: The job is not in the store.
+        """
+        return self._write_retrying(
+            lambda s: runs.allocate(
+                s,
+                account_id=account_id,
+                job_key=job_key,
+                request_key=request_key,
+                trigger=trigger,
+                now=self._clock(),
+            )
+        )
+
+    def record_run(self, snapshot: RecordRunInput) -> RecordRunResult:
+        """Upsert a run snapshot and its steps, keyed by (account, run key).
+
+        Writes are monotonic (``runs.should_apply``): a snapshot that would move the status
+        backwards, change a finished status, or carry an older ``seq`` changes nothing.
+        Fields a snapshot leaves out (None, steps it does not list) keep their stored values.
+
+        Args:
+            snapshot: The run as its writer sees it now.
+
+        Returns:
+            The run's store id, whether the snapshot was applied, and the stored status.
+
+        Raises:
+            UnknownJobError: The run is new and its job is not in the store.
+            UnknownRunError: The run key is made of digits (a store-allocated id) but no such
+                run was allocated.
+            InvalidRecordError: A naive datetime, or the key belongs to another job's run.
+        """
+        return self._write_retrying(lambda s: runs.record(s, snapshot, now=self._clock()))
+
+    def get_run(self, account_id: str, run_id: int) -> StoredRun | None:
+        return self._one_run(account_id, RunRow.id == run_id)
+
+    def get_run_by_key(self, account_id: str, key: str) -> StoredRun | None:
+        return self._one_run(account_id, RunRow.key == key)
+
+    def list_runs(
+        self,
+        account_id: str,
+        *,
+        job_id: int | None = None,
+        job_key: str | None = None,
+        status: RunStatus | Collection[RunStatus] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        order_by: str = "id",
+        include_steps: bool = False,
+    ) -> Page[StoredRun]:
+        """Runs of an account, filtered, ordered and paged.
+
+        Args:
+            account_id: The account.
+            job_id: Only runs of this job (store id).
+            job_key: Only runs of this job (key).
+            status: Only runs in this status, or in any of these.
+            limit: Page size, 1 to 1000.
+            offset: Rows to skip.
+            order_by: ``id``, ``created_at``, ``updated_at``, ``started_at``,
+                ``finished_at`` or ``status``; a ``-`` prefix reverses. NULLs sort last,
+                ties by id.
+            include_steps: Fill each run's ``steps``.
+
+        Returns:
+            The page; unreadable rows are left out and listed in ``quarantined``.
+
+        Raises:
+            ValueError: An unknown ``order_by`` field or an out-of-range page.
+        """
+        query = queries.runs_with_job_key(account_id)
+        if job_id is not None:
+            query = query.where(RunRow.job_id == job_id)
+        if job_key is not None:
+            query = query.where(JobRow.key == job_key)
+        if status is not None:
+            wanted = [status] if isinstance(status, RunStatus) else list(status)
+            query = query.where(RunRow.status.in_([int(s) for s in wanted]))
+        quarantined: list[Quarantined] = []
+        with self._read() as s:
+            total = queries.count(s, query)
+            paged = queries.page(
+                query, queries.RUN_ORDER, order_by=order_by, limit=limit, offset=offset
+            )
+            rows = s.execute(paged).all()
+            steps = queries.steps_of(s, [row.id for row, _ in rows]) if include_steps else {}
+            items = [
+                run
+                for row, key in rows
+                if (
+                    run := read_or_quarantine(
+                        "runs", row.id, _bind(run_record, row, key, steps.get(row.id)), quarantined
+                    )
+                )
+            ]
+        return Page(items=items, total_count=total, quarantined=quarantined)
+
+    # ------------------------------------------------------------------ tokens
+
+    def create_token(self, account_id: str, name: str) -> str:
+        """Create an API token for an account.
+
+        Args:
+            account_id: The account it authenticates as.
+            name: A label for people (``"ci"``).
+
+        Returns:
+            The token. This is its only appearance: the store keeps its sha256 only.
+
+        Raises:
+            UnknownAccountError: The account is not in the store.
+        """
+        with self._write() as s:
+            return tokens.add_token(s, account_id, name, now=self._clock())
+
+    def account_for_token(self, token: str) -> str | None:
+        """The account a token belongs to, or None for an unknown token."""
+        with self._read() as s:
+            found = tokens.find_token(s, token)
+        if found is None:
+            return None
+        token_id, account_id, last_used_at = found
+        now = self._clock()
+        if last_used_at is None or now - last_used_at >= tokens.TOUCH_INTERVAL:
+            with self._write() as s:
+                tokens.touch(s, token_id, now=now)
+        return account_id
+
+    # ------------------------------------------------------------------ internals
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # A count and its page from one snapshot.
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with Session(bind=conn) as session, session.begin():
+                yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self.engine.connect() as conn:
+            conn.execution_options(**{WRITE: True})
+            with Session(bind=conn) as session, session.begin():
+                yield session
+
+    def _write_retrying(self, work: Callable[[Session], T]) -> T:
+        """``work`` in a write transaction, run once more after a unique violation: a
+        concurrent writer inserted the same key first, and the second run finds its row."""
+        try:
+            with self._write() as s:
+                return work(s)
+        except IntegrityError:
+            with self._write() as s:
+                return work(s)
+
+    def _one_job(self, account_id: str, where: sa.ColumnElement[bool]) -> StoredJob | None:
+        with self._read() as s:
+            query = sa.select(JobRow).where(where, JobRow.account_id == account_id)
+            row = s.scalars(query).one_or_none()
+            if row is None:
+                return None
+            return read_or_quarantine("jobs", row.id, _bind(job_record, row), [])
+
+    def _one_run(self, account_id: str, where: sa.ColumnElement[bool]) -> StoredRun | None:
+        with self._read() as s:
+            found = s.execute(queries.runs_with_job_key(account_id).where(where)).one_or_none()
+            if found is None:
+                return None
+            row, key = found
+            steps = queries.steps_of(s, [row.id]).get(row.id, [])
+            return read_or_quarantine("runs", row.id, _bind(run_record, row, key, steps), [])
+
+
+def _bind(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    return lambda: fn(*args)
