@@ -267,7 +267,7 @@ def _resolve_paths(job: JobDefinition, base: Path) -> JobDefinition:
     # would mean something else there: pin them to where the user ran the command.
     env = job.environment
     update: dict[str, Any] = {}
-    if not Path(env.project_dir).is_absolute():
+    if env.project_dir and not Path(env.project_dir).is_absolute():
         update["project_dir"] = os.path.normpath(base / env.project_dir)
     db_path = env.profile.get("path")
     if (

@@ -45,6 +45,10 @@ def command(  # keyword-only: typer maps each parameter to an option
         str, typer.Option(envvar="RUNSLOT_NAMESPACE", help="Temporal namespace.")
     ] = "default",
     data_dir: Annotated[Path, typer.Option(help="Where run workspaces are kept.")] = DATA_DIR,
+    secrets_file: Annotated[
+        Path | None,
+        typer.Option(help="JSON/YAML file of secrets that profiles reference by name."),
+    ] = None,
     max_concurrent_steps: Annotated[
         int, typer.Option(min=1, help="dbt steps this worker runs at once.")
     ] = 4,
@@ -66,6 +70,7 @@ def command(  # keyword-only: typer maps each parameter to an option
         temporal_address=temporal_address,
         namespace=namespace,
         data_dir=data_dir,
+        secrets_file=secrets_file,
         max_concurrent_steps=max_concurrent_steps,
         step_activities_per_second=step_activities_per_second or None,
         graceful_shutdown_seconds=graceful_shutdown_seconds,
@@ -143,7 +148,11 @@ async def _connect(settings: WorkerSettings, stop: asyncio.Event) -> Client | No
 
 
 async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.Event) -> int:
-    executor = LocalExecutor(LocalExecutorSettings(workspace_root=settings.workspace_root))
+    executor = LocalExecutor(
+        LocalExecutorSettings(
+            workspace_root=settings.workspace_root, secrets_file=settings.secrets_file
+        )
+    )
     workers = build_workers(
         client,
         Pools(executor=executor, telemetry=LogSink()),

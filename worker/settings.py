@@ -28,6 +28,9 @@ class WorkerSettings(BaseModel):
     namespace: str = "default"
     pool: Pool = Pool.ALL
     data_dir: Path = Path(".runslot")
+    secrets_file: Path | None = None
+    """A JSON or YAML mapping of secret name to value that steps' profiles may reference
+    as ``{{ secret('NAME') }}`` (``RUNSLOT_SECRET_NAME`` variables work too)."""
     max_concurrent_steps: int = Field(default=4, ge=1)
     """Steps one worker runs at once: size it to the host (each dbt step is a process)."""
     step_activities_per_second: float | None = Field(default=20.0, gt=0)

@@ -22,8 +22,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictStr,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -199,15 +201,25 @@ class AccountSettings(StrictModel):
 
 
 class Environment(StrictModel):
-    """Where the dbt project lives and how it runs. Secrets are references, never values."""
+    """Where the dbt project lives and how it runs. Secrets are references, never values.
 
-    project_dir: str = Field(description="local path of the dbt project (git comes later)")
+    The project is either a plain local directory (``project_dir``) or a git repository
+    (``git_url``), never both; ``subdirectory`` is where dbt_project.yml sits inside it.
+    """
+
+    project_dir: str = Field(default="", description="local directory of the dbt project")
     subdirectory: str = ""
     dbt_version: str | None = None
     target_name: str = "default"
     profile: dict[str, StrictStr | int | bool] = Field(default_factory=dict)
-    """Non-secret target fields for profiles.yml (type, path, schema, ...)."""
+    """Target fields for profiles.yml (type, path, schema, ...). A secret is written as a
+    reference, ``"{{ secret('NAME') }}"``, resolved by the worker that prepares the run."""
     env_vars: EnvVars = Field(default_factory=dict)
+    """Step environment; values may hold ``"{{ secret('NAME') }}"`` references too."""
+    git_url: str | None = Field(
+        default=None, min_length=1, max_length=2048,
+        description="git repository of the dbt project: a URL or a local path",
+    )  # fmt: skip
 
     @field_validator("subdirectory")
     @classmethod
@@ -215,6 +227,35 @@ class Environment(StrictModel):
         if value.startswith("/") or ".." in value.split("/"):
             raise ValueError("subdirectory must be a relative path inside the project")
         return value
+
+    @field_validator("git_url")
+    @classmethod
+    def _not_an_option(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith("-") or "\x00" in value):
+            raise ValueError("git_url must be a repository URL or path")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Environment:
+        if self.project_dir and self.git_url:
+            raise ValueError(
+                "set project_dir (a local directory) or git_url (a git repository), not both"
+            )
+        if not self.project_dir and not self.git_url:
+            raise ValueError(
+                "the project needs a source: set project_dir (a local directory) or git_url "
+                "(a git repository URL or path)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_git(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The previous release forbids unknown Environment fields: a plain-directory
+        # environment must serialize exactly as it did, so "git_url": null is left out.
+        data: dict[str, Any] = handler(self)
+        if self.git_url is None:
+            data.pop("git_url", None)
+        return data
 
 
 class JobSettings(StrictModel):
@@ -343,6 +384,10 @@ class StepResult(WireModel):
     finished_at: datetime | None = None
     exit_code: int | None = None
     message: str = ""
+    log_key: str = ""
+    """Where the step's log lives in the artifact store."""
+    artifacts: list[str] = Field(default_factory=list)
+    """Artifact paths of this step in the store (``step-N/run_results.json``, ...)."""
 
 
 class RunFinished(WireModel):
@@ -377,6 +422,9 @@ class RunResult(WireModel):
     finished_at: datetime | None = None
     steps: list[StepResult] = Field(default_factory=list)
     schema_name: str | None = None
+    git_sha: str | None = None
+    """The commit the run built (resolved by prep for git projects)."""
+    dbt_version: str | None = None
 
     @property
     def wait_time(self) -> timedelta | None:
@@ -549,6 +597,9 @@ class PrepareInput(WireModel):
     env_vars: dict[str, str] = Field(default_factory=dict)
     git_sha: str | None = None
     git_branch: str | None = None
+    retry_of_run_id: str | None = None
+    """Rerun from failure: the failed run whose last run_results.json is put in target/
+    before the steps start, so a ``dbt retry`` step builds only what failed or was skipped."""
 
 
 class PreparedRun(WireModel):
@@ -556,6 +607,8 @@ class PreparedRun(WireModel):
 
     workspace: str
     dbt_version: str = ""
+    git_sha: str | None = None
+    """The commit the run's project was checked out at (None for a plain directory)."""
 
 
 class StepInput(WireModel):
@@ -571,7 +624,12 @@ class StepInput(WireModel):
 class StepOutcome(WireModel):
     exit_code: int
     log_path: str = ""
+    """Unused since logs live in the artifact store (``log_key``); kept for old payloads."""
     message: str = ""
+    log_key: str = ""
+    """The step's log in the artifact store: ``{account}/{run}/step-{index}/log``."""
+    artifacts: list[str] = Field(default_factory=list)
+    """Names of the dbt artifacts this step wrote (manifest.json, run_results.json, ...)."""
 
 
 class ArtifactsInput(WireModel):
@@ -582,6 +640,7 @@ class ArtifactsInput(WireModel):
 
 class ArtifactsResult(WireModel):
     files: list[str] = Field(default_factory=list)
+    """What the artifact store holds for the run, as ``step-{index}/{name}``."""
 
 
 class CleanupInput(WireModel):
@@ -609,3 +668,69 @@ class NotifyDependentsInput(WireModel):
     run_id: str
     status: RunStatus
     source_workflow_id: str
+
+
+# --------------------------------------------------------------------------- run store
+# --- run store: inputs and results of the store_* activities (activities/store).
+# Store ids are the integers the dbt Cloud API shows (job_definition_id, run id); the
+# string ``job_id`` / ``run_id`` fields are the keys Temporal uses, as everywhere above.
+
+
+class UpsertJobInput(WireModel):
+    """Save a job in the run store (activity ``store_upsert_job``)."""
+
+    job: JobDefinition
+    account: AccountSettings | None = None
+    """Saved too when given; otherwise the account row is created with defaults if missing."""
+    id: int | None = None
+    """The job's store id when the caller knows it (an API update); None: look up by key."""
+    deactivated: bool = False
+    """Saving a job reactivates it; the job workflow saves True when it deactivates the job."""
+
+
+class UpsertJobResult(WireModel):
+    id: int
+    job_id: str
+
+
+class AllocateRunInput(WireModel):
+    """Allocate a run id before triggering (activity ``store_allocate_run``)."""
+
+    account_id: str
+    job_id: str
+    request_key: str = Field(min_length=1, max_length=255)
+    """Idempotency key: the same key always returns the same run."""
+    trigger: TriggerRequest | None = None
+
+
+class AllocateRunResult(WireModel):
+    id: int
+    run_id: str
+    """The Temporal-level run id: ``str(id)``."""
+
+
+class RecordRunInput(WireModel):
+    """A snapshot of a run for the read model (activity ``store_record_run``).
+
+    Writes are monotonic: a snapshot that would move the status backwards, replace one
+    finished status with another, or carry an older ``seq`` than the stored one is ignored.
+    """
+
+    run: RunResult
+    seq: int = Field(default=0, ge=0)
+    """The writer's counter, increased with every snapshot of this run."""
+    trigger: TriggerRequest | None = None
+    git_sha: str | None = None
+    git_branch: str | None = None
+    dbt_version: str | None = None
+    artifacts: list[str] | None = None
+    log_keys: dict[int, str] = Field(default_factory=dict)
+    """Artifact-store key of each step's log, by step index."""
+
+
+class RecordRunResult(WireModel):
+    id: int
+    applied: bool
+    """False when the snapshot was stale and the stored run was left as it was."""
+    status: RunStatus
+    """The stored status after the call."""

@@ -26,6 +26,7 @@ from temporalio.exceptions import (
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
+    from activities.artifacts import StepKey
     from activities.control import request_slot
     from workflows import constants as c
     from workflows import policy
@@ -228,6 +229,8 @@ class RunWorkflow:
             )
         )
         workspace = prepared[0].workspace
+        self.r.git_sha = prepared[0].git_sha
+        self.r.dbt_version = prepared[0].dbt_version or None
         steps = list(overrides.steps_override or job.execute_steps)
         if job.generate_docs:
             steps.append(["dbt", "docs", "generate"])
@@ -265,6 +268,8 @@ class RunWorkflow:
                 )
             except ActivityError as err:
                 step.finished_at = workflow.now()
+                # No outcome on failure, but the log was streamed under a known key.
+                step.log_key = StepKey(inp.account.account_id, inp.run_id, index).log_key
                 if isinstance(err.cause, CancelledError):
                     # WAIT_CANCELLATION_COMPLETED: the process is dead; carry the cancel on.
                     step.status = RunStatus.CANCELLED
@@ -282,6 +287,8 @@ class RunWorkflow:
                 return
             step.status = RunStatus.SUCCESS
             step.exit_code = outcome.exit_code
+            step.log_key = outcome.log_key
+            step.artifacts = outcome.artifacts
             step.finished_at = workflow.now()
         await self._collect_artifacts(workspace)
         self.r.status = RunStatus.SUCCESS
