@@ -6,8 +6,13 @@ first save (``USE_EXISTING``: saving is idempotent) and reconfigured by update a
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError
 
 from workflows import constants as c
 from workflows.job import JobWorkflow, job_search_attributes
@@ -28,6 +33,8 @@ from workflows.models import (
 )
 from workflows.run import RunWorkflow
 from workflows.slots import SlotsWorkflow
+
+T = TypeVar("T")
 
 
 async def save_job(
@@ -57,19 +64,40 @@ def job_handle(client: Client, account_id: str, job_id: str) -> WorkflowHandle[J
     return client.get_workflow_handle_for(JobWorkflow.run, c.job_workflow_id(account_id, job_id))
 
 
+NOT_READY_RETRIES = 20
+
+
+async def _update(call: Callable[[], Awaitable[T]]) -> T:
+    """Run an update, retrying while the server says the workflow is not ready.
+
+    Temporal refuses an update for a moment while a workflow switches runs (continue-as-new)
+    with "Workflow is not ready to handle the request". It refuses it before accepting it,
+    so a retry cannot apply it twice.
+    """
+    for attempt in range(NOT_READY_RETRIES):
+        try:
+            return await call()
+        except RPCError as err:
+            if "not ready" not in str(err).lower() or attempt == NOT_READY_RETRIES - 1:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 async def trigger(
     client: Client, account_id: str, job_id: str, request: TriggerRequest
 ) -> TriggerResult:
     """Queue a run and return its id (raises ``WorkflowUpdateFailedError`` if refused)."""
-    return await job_handle(client, account_id, job_id).execute_update(JobWorkflow.trigger, request)
+    handle = job_handle(client, account_id, job_id)
+    return await _update(lambda: handle.execute_update(JobWorkflow.trigger, request))
 
 
 async def cancel_run(
     client: Client, account_id: str, job_id: str, run_id: str, reason: str = "Cancelled by user"
 ) -> RunStatus:
-    return await job_handle(client, account_id, job_id).execute_update(
-        JobWorkflow.cancel_run, CancelRequest(run_id=run_id, reason=reason)
-    )
+    handle = job_handle(client, account_id, job_id)
+    request = CancelRequest(run_id=run_id, reason=reason)
+    return await _update(lambda: handle.execute_update(JobWorkflow.cancel_run, request))
 
 
 async def describe_job(client: Client, account_id: str, job_id: str) -> JobDescription:

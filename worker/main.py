@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from temporalio.client import Client
 
 from activities.local import LocalExecutor, LocalExecutorSettings
-from activities.telemetry import LogSink
+from activities.telemetry import build_sink
 from starter.client import connect
 from worker.logging import LogLevel, configure_logging
 from worker.registry import Pools, build_workers
-from worker.settings import Pool, WorkerSettings
+from worker.settings import Pool, TelemetryExporter, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +63,55 @@ def command(  # keyword-only: typer maps each parameter to an option
         float, typer.Option(min=0, help="Time running steps get to finish on shutdown.")
     ] = 30.0,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.INFO,
+    telemetry_exporter: Annotated[
+        TelemetryExporter,
+        typer.Option(
+            envvar="RUNSLOT_TELEMETRY_EXPORTER",
+            help="Where the telemetry pool sends finished runs: log, console (OpenTelemetry "
+            "on stdout) or otlp (OpenTelemetry over OTLP/HTTP).",
+        ),
+    ] = "log",
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="Collector base URL for otlp, e.g. http://collector:4318 "
+            "(default: OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318)."
+        ),
+    ] = None,
+    telemetry_export_interval: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds between OpenTelemetry metric exports."),
+    ] = 60.0,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run a worker pool until SIGINT/SIGTERM."""
-    settings = WorkerSettings(
-        pool=pool,
-        temporal_address=temporal_address,
-        namespace=namespace,
-        data_dir=data_dir,
-        secrets_file=secrets_file,
-        max_concurrent_steps=max_concurrent_steps,
-        step_activities_per_second=step_activities_per_second or None,
-        graceful_shutdown_seconds=graceful_shutdown_seconds,
-        log_level=log_level,
-        parent_pid=parent_pid,
-    )
+    try:
+        settings = WorkerSettings(
+            pool=pool,
+            temporal_address=temporal_address,
+            namespace=namespace,
+            data_dir=data_dir,
+            secrets_file=secrets_file,
+            max_concurrent_steps=max_concurrent_steps,
+            step_activities_per_second=step_activities_per_second or None,
+            graceful_shutdown_seconds=graceful_shutdown_seconds,
+            log_level=log_level,
+            parent_pid=parent_pid,
+            telemetry_exporter=telemetry_exporter,
+            otlp_endpoint=otlp_endpoint,
+            telemetry_export_interval_seconds=telemetry_export_interval,
+        )
+    except ValidationError as err:  # a bad --otlp-endpoint: a usage error, not a traceback
+        raise typer.BadParameter(_first_error(err)) from None
     configure_logging(settings.log_level, tag=settings.pool.value)
     raise typer.Exit(asyncio.run(serve(settings)))
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
 
 
 def main() -> None:
@@ -153,9 +186,16 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
             workspace_root=settings.workspace_root, secrets_file=settings.secrets_file
         )
     )
+    # Only the telemetry pool emits: the other pools keep the (unused) log sink.
+    telemetry = build_sink(
+        settings.telemetry_exporter if Pool.TELEMETRY.value in settings.pool_names else "log",
+        client=client,
+        otlp_endpoint=settings.otlp_endpoint,
+        export_interval_seconds=settings.telemetry_export_interval_seconds,
+    )
     workers = build_workers(
         client,
-        Pools(executor=executor, telemetry=LogSink()),
+        Pools(executor=executor, telemetry=telemetry),
         which=settings.pool_names,
         max_concurrent_steps=settings.max_concurrent_steps,
         step_activities_per_second=settings.step_activities_per_second,
@@ -166,6 +206,8 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
         # Leaving the stack shuts every worker down; a worker that fails fatally cancels
         # the wait below and its error is raised here.
         async with AsyncExitStack() as stack:
+            # Entered first, so left last: the sink flushes after the workers stopped.
+            await stack.enter_async_context(telemetry)
             for worker in workers:
                 await stack.enter_async_context(worker)
             log.info(

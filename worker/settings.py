@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from worker.logging import LogLevel
 
@@ -21,6 +22,8 @@ class Pool(StrEnum):
 
 POOLS = (Pool.WORKFLOWS, Pool.STEPS, Pool.TELEMETRY)
 """The pools a stack runs, one worker process each (``all`` is their union)."""
+
+TelemetryExporter = Literal["log", "console", "otlp"]
 
 
 class WorkerSettings(BaseModel):
@@ -43,6 +46,30 @@ class WorkerSettings(BaseModel):
     parent_pid: int | None = None
     """Stop when this process is gone: set by ``runslot dev`` so a killed stack leaves no
     orphan workers behind."""
+    telemetry_exporter: TelemetryExporter = "log"
+    """Where the telemetry pool sends each finished run: ``log`` (one log line), ``console``
+    (OpenTelemetry spans and metrics on stdout) or ``otlp`` (OTLP/HTTP to a collector)."""
+    otlp_endpoint: str | None = None
+    """The collector's base URL for ``otlp`` (``http://collector:4318``; ``/v1/traces`` and
+    ``/v1/metrics`` are appended). Unset: OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4318."""
+    telemetry_export_interval_seconds: float = Field(default=60.0, ge=1.0)
+    """How often OpenTelemetry metrics are exported, and the live gauges (queue depth, slots
+    in use) refreshed from Temporal."""
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value.startswith(("http://", "https://")) or any(ch.isspace() for ch in value)
+        ):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _otlp_endpoint_needs_otlp(self) -> WorkerSettings:
+        if self.otlp_endpoint is not None and self.telemetry_exporter != "otlp":
+            raise ValueError("otlp_endpoint is set: also set telemetry_exporter to 'otlp'")
+        return self
 
     @property
     def workspace_root(self) -> Path:
