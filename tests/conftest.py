@@ -6,6 +6,7 @@ binary fails the tests (it never skips them).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 import uuid
@@ -121,3 +122,14 @@ def fake_dbt() -> FakeDbtExecutor:
 
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+async def temporal_cli(client: Client, *args: str) -> str:
+    """Run the real ``temporal`` CLI against the client's server (never blocking the loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        find_binary("temporal"), *args, "--address", client.service_client.config.target_host,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()
+    return output.decode()

@@ -5,15 +5,13 @@ The executor is the fake dbt of tests/fakes.py, so a test decides when a step en
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
 from starter import jobs
 from tests.builders import account, job, statuses, wait_for, wait_run
-from tests.conftest import find_binary, running_stack, unique
+from tests.conftest import running_stack, temporal_cli, unique
 from tests.fakes import FakeDbtExecutor
 from workflows import constants as c
 from workflows.models import (
@@ -263,14 +261,9 @@ async def test_a_run_cancelled_with_the_temporal_cli_ends_cancelled_and_frees_it
         running = await jobs.trigger(client, acct, "j", TriggerRequest())
         queued = await jobs.trigger(client, acct, "j", TriggerRequest())
         await wait_for(lambda: fake_dbt.running == {running.run_id}, what="running")
-        proc = await asyncio.create_subprocess_exec(
-            find_binary("temporal"), "workflow", "cancel",
-            "--address", client.service_client.config.target_host,
-            "--workflow-id", c.run_workflow_id(acct, running.run_id),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await proc.communicate()
-        assert proc.returncode == 0, output.decode()
+        await temporal_cli(
+            client, "workflow", "cancel", "--workflow-id", c.run_workflow_id(acct, running.run_id)
+        )
         result = await wait_run(client, acct, running.run_id, timeout=15)
         # The job moves on to its next run: the slot came back and the queue is not stuck.
         await wait_for(lambda: queued.run_id in fake_dbt.running, timeout=15, what="next run")

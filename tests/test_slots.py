@@ -11,7 +11,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from starter import jobs
 from tests.builders import account, job, wait_for, wait_run
-from tests.conftest import find_binary, running_stack, unique
+from tests.conftest import running_stack, temporal_cli, unique
 from tests.fakes import FakeDbtExecutor
 from workflows import constants as c
 from workflows.models import RunStatus, TaskQueues, TriggerRequest
@@ -108,14 +108,15 @@ async def test_a_terminated_run_gets_its_slot_back_within_the_reap_interval(
         await wait_for(lambda: fake_dbt.running == {r0}, what="r0 holds the slot")
         # Terminate from the temporal CLI: no cleanup runs, no release is sent. Only the
         # reaper can free the slot.
-        proc = await asyncio.create_subprocess_exec(
-            find_binary("temporal"), "workflow", "terminate",
-            "--address", client.service_client.config.target_host,
-            "--workflow-id", c.run_workflow_id(acct, r0), "--reason", "operator",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await proc.communicate()
-        assert proc.returncode == 0, output.decode()
+        await temporal_cli(
+            client,
+            "workflow",
+            "terminate",
+            "--workflow-id",
+            c.run_workflow_id(acct, r0),
+            "--reason",
+            "operator",
+        )
         start = asyncio.get_running_loop().time()
         await wait_for(lambda: r1 in fake_dbt.running, timeout=10, what="r1 granted after reap")
         freed_after = asyncio.get_running_loop().time() - start

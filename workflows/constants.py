@@ -11,12 +11,8 @@ from temporalio.common import RetryPolicy, SearchAttributeKey
 
 from workflows.errors import ErrorType
 
-# --- task queues: one worker pool each (defaults of models.TaskQueues)
-WORKFLOW_TASK_QUEUE = "runslot-workflows"
-STEP_TASK_QUEUE = "runslot-steps"
-"""Prep and dbt steps. Rate-limited so a backlog cannot stampede the executor."""
-TELEMETRY_TASK_QUEUE = "runslot-telemetry"
-"""Telemetry and notifications: isolated, nothing there can slow or fail a run."""
+# Task queue names live in models.TaskQueues (carried in workflow inputs, so tests and
+# dedicated worker pools can use their own).
 
 # --- workflow type names
 JOB_WORKFLOW = "JobWorkflow"

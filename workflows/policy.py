@@ -135,13 +135,8 @@ def is_ci(job: JobDefinition, trigger: TriggerRequest) -> bool:
 
 def check_trigger(job: JobDefinition, state: JobState, trigger: TriggerRequest) -> None:
     """Raise ``TriggerRejectedError`` if this trigger must not enqueue a run. Read-only."""
-    if trigger.dedupe_key is not None and trigger.dedupe_key in state.dedupe:
+    if existing_run_for(state, trigger) is not None:
         return  # a repeat: answered with the first run's id, never rejected
-    if trigger.run_id is not None and (
-        any(q.run_id == trigger.run_id for q in state.queue)
-        or any(r.run_id == trigger.run_id for r in state.in_flight)
-    ):
-        return
     if state.deactivated and trigger.cause != TriggerCause.MANUAL:
         raise TriggerRejectedError(
             DEACTIVATED_MESSAGE.format(job_id=job.job_id, failures=state.consecutive_failures)
