@@ -1,9 +1,9 @@
 """Activities that talk to Temporal itself: things a workflow cannot do on its own.
 
 * signal-with-start of the account's slots workflow (workflows cannot signal-with-start);
-* liveness of holders and runs (``describe``), so a *terminated* run never leaks a slot;
-* job-completion fan-out: find the jobs that list a job in ``on_job_completion`` through
-  visibility (search attribute ``RunslotUpstreamJobs``) and signal them.
+* liveness of holders and runs (``describe``), so a *terminated* run never leaks a slot.
+
+(Job-completion fan-out reads the run store: ``activities.store.activities``.)
 """
 
 from __future__ import annotations
@@ -15,23 +15,19 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.constants import (
     SA_ACCOUNT,
     SIGNAL_SLOT_REQUEST,
-    SIGNAL_UPSTREAM_FINISHED,
     SLOTS_WORKFLOW,
     slots_workflow_id,
 )
 from workflows.models import (
     ClosedWorkflows,
     HolderLiveness,
-    NotifyDependentsInput,
     SlotsStartRequest,
     SlotsState,
-    UpstreamFinished,
 )
 
 
@@ -80,33 +76,4 @@ async def closed_workflows(request: HolderLiveness) -> ClosedWorkflows:
     )
 
 
-@activity.defn(name="notify_dependents")
-async def notify_dependents(request: NotifyDependentsInput) -> int:
-    """Signal every running job of the account that is triggered by this job's completion."""
-    client = activity.client()
-    query = (
-        f"RunslotAccount = '{request.account_id}' AND RunslotUpstreamJobs = '{request.job_id}' "
-        "AND ExecutionStatus = 'Running'"
-    )
-    payload = UpstreamFinished(job_id=request.job_id, run_id=request.run_id, status=request.status)
-    sent = 0
-    try:
-        async for execution in client.list_workflows(query):
-            if execution.id == request.source_workflow_id:
-                continue
-            await client.get_workflow_handle(execution.id).signal(SIGNAL_UPSTREAM_FINISHED, payload)
-            sent += 1
-    except RPCError as err:
-        if err.status == RPCStatusCode.UNIMPLEMENTED:
-            # Temporal's time-skipping test server has no visibility store: retrying is futile.
-            raise ApplicationError(
-                "this Temporal server has no visibility API, so job completion triggers "
-                "cannot find dependent jobs",
-                type="VisibilityUnavailable",
-                non_retryable=True,
-            ) from err
-        raise
-    return sent
-
-
-CONTROL_ACTIVITIES: list[Callable[..., Any]] = [request_slot, closed_workflows, notify_dependents]
+CONTROL_ACTIVITIES: list[Callable[..., Any]] = [request_slot, closed_workflows]

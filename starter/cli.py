@@ -358,11 +358,27 @@ def run_job(
     job: Annotated[str, typer.Argument(help="Job id.")],
     *,
     wait: Annotated[bool, typer.Option(help="Wait for the run to finish.")] = False,
+    rerun_of: Annotated[
+        str | None,
+        typer.Option(
+            help="Rerun this failed run from failure: same commit, `dbt retry` in place of "
+            "the failed step, then the steps after it."
+        ),
+    ] = None,
     temporal_address: Address = DEFAULT_ADDRESS,
     namespace: Namespace = "default",
 ) -> None:
-    """Run a job now (cause: manual, like dbt Cloud's Run now)."""
-    request = TriggerRequest(cause=TriggerCause.MANUAL, cause_text="Run now from the runslot CLI")
+    """Run a job now (cause: manual, like dbt Cloud's Run now), or rerun a failed run."""
+    try:
+        request = TriggerRequest(
+            cause=TriggerCause.MANUAL,
+            cause_text=f"Rerun of run {rerun_of} from the runslot CLI"
+            if rerun_of
+            else "Run now from the runslot CLI",
+            rerun_of=rerun_of,
+        )
+    except ValidationError as err:
+        raise typer.BadParameter(f"--rerun-of: {err.errors()[0]['msg']}") from None
 
     async def trigger_and_wait() -> RunStatus | None:
         client = await _connect(temporal_address, namespace)

@@ -55,9 +55,15 @@ async def save_job(
         search_attributes=job_search_attributes(inp),
         static_summary=f"job {job.job_id}: {job.name}"[:200],
     )
-    return await client.execute_update_with_start_workflow(
-        JobWorkflow.configure, JobUpdate(job=job, account=account), start_workflow_operation=start
+    # By name: the handlers are async, which the SDK's method-reference typing mistakes
+    # for a coroutine result.
+    description: JobDescription = await client.execute_update_with_start_workflow(
+        c.UPDATE_CONFIGURE,
+        JobUpdate(job=job, account=account),
+        start_workflow_operation=start,
+        result_type=JobDescription,
     )
+    return description
 
 
 def job_handle(client: Client, account_id: str, job_id: str) -> WorkflowHandle[JobWorkflow, None]:
@@ -89,7 +95,9 @@ async def trigger(
 ) -> TriggerResult:
     """Queue a run and return its id (raises ``WorkflowUpdateFailedError`` if refused)."""
     handle = job_handle(client, account_id, job_id)
-    return await _update(lambda: handle.execute_update(JobWorkflow.trigger, request))
+    return await _update(
+        lambda: handle.execute_update(c.UPDATE_TRIGGER, request, result_type=TriggerResult)
+    )
 
 
 async def cancel_run(

@@ -7,10 +7,12 @@ binary fails the tests (it never skips them).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import shutil
 import sys
+import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.executor import Executor
+from activities.store import RunStore
 from activities.telemetry import LogSink, TelemetrySink
 from tests.fakes import FakeDbtExecutor
 from worker.registry import Pools, build_workers
@@ -90,6 +93,24 @@ def fresh_queues() -> TaskQueues:
     return TaskQueues(workflows=f"wf-{tag}", steps=f"steps-{tag}", telemetry=f"telemetry-{tag}")
 
 
+_TEMPLATE_STORE: list[Path] = []
+
+
+def new_store(directory: Path) -> RunStore:
+    """A migrated SQLite run store in ``directory``: a copy of one migrated per session
+    (running the migrations for every test would cost more than the test)."""
+    if not _TEMPLATE_STORE:
+        template = Path(tempfile.mkdtemp(prefix="runslot-store-")) / "template.db"
+        atexit.register(shutil.rmtree, template.parent, ignore_errors=True)
+        store = RunStore(f"sqlite:///{template}")
+        store.migrate()
+        store.close()  # the last connection to close checkpoints the WAL into the file
+        _TEMPLATE_STORE.append(template)
+    path = directory / "runslot.db"
+    shutil.copyfile(_TEMPLATE_STORE[0], path)
+    return RunStore(f"sqlite:///{path}")
+
+
 @asynccontextmanager
 async def running_stack(
     client: Client,
@@ -97,22 +118,36 @@ async def running_stack(
     *,
     queues: TaskQueues | None = None,
     telemetry: TelemetrySink | None = None,
+    store: RunStore | None = None,
     which: tuple[str, ...] = ("workflows", "steps", "telemetry"),
 ) -> AsyncIterator[TaskQueues]:
-    """Real workers of the given pools on fresh task queues, for one test."""
+    """Real workers of the given pools on fresh task queues, for one test; a fresh SQLite
+    run store unless the test passes its own."""
     queues = queues or fresh_queues()
-    workers = build_workers(
-        client,
-        Pools(executor=executor, telemetry=telemetry or LogSink()),
-        which=which,
-        queues=queues,
-        max_concurrent_steps=20,
-        graceful_shutdown_seconds=0.5,
-    )
     async with AsyncExitStack() as stack:
+        if store is None:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="runslot-"))
+            store = new_store(Path(directory))
+            stack.callback(store.close)
+        workers = build_workers(
+            client,
+            Pools(executor=executor, telemetry=telemetry or LogSink(), store=store),
+            which=which,
+            queues=queues,
+            max_concurrent_steps=20,
+            graceful_shutdown_seconds=0.5,
+        )
         for worker in workers:
             await stack.enter_async_context(worker)
         yield queues
+
+
+@pytest.fixture
+def run_store(tmp_path: Path) -> Iterator[RunStore]:
+    """A fresh, migrated SQLite run store, for tests that read what the workers wrote."""
+    store = new_store(tmp_path)
+    yield store
+    store.close()
 
 
 @pytest.fixture

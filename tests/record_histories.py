@@ -68,6 +68,9 @@ async def main() -> None:
         await jobs.save_job(client, job(acct, "deploy", ["dbt run -s fail"]), settings, queues)
         failed = await jobs.trigger(client, acct, "deploy", TriggerRequest())
         await wait_run(client, acct, failed.run_id)
+        # Rerun from failure: planned from the run store, `dbt retry` in place of the step.
+        rerun = await jobs.trigger(client, acct, "deploy", TriggerRequest(rerun_of=failed.run_id))
+        await wait_run(client, acct, rerun.run_id)
         # CI: concurrent, superseded by a new commit, schema dropped on close.
         await jobs.save_job(
             client, job(acct, "ci", ["dbt build -s gate:ci"], job_type=JobType.CI), settings, queues
@@ -100,6 +103,7 @@ async def main() -> None:
         runs = {
             "run-success": first.run_id,
             "run-error": failed.run_id,
+            "run-rerun": rerun.run_id,
             "run-ci-superseded": old.run_id,
             "run-ci": new.run_id,
         }

@@ -22,10 +22,10 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
+from activities.store import RunStore
 from starter import jobs
 from starter.client import connect
 from starter.devserver import DevSettings, server_argv
-from tests.builders import wait_run
 from tests.conftest import find_binary
 from workflows.constants import SA_ACCOUNT, SEARCH_ATTRIBUTES
 from workflows.models import (
@@ -310,9 +310,10 @@ async def test_a_new_stack_shows_a_successful_demo_run_within_a_minute(
     launch: Launch, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    dev = await launch(tmp_path / "data", demo=True)
+    data = tmp_path / "data"
+    dev = await launch(data, demo=True)
     client = await connect(dev.address)
-    first = await wait_run(client, "demo", "build-1", timeout=60)
+    first = await asyncio.wait_for(_first_run_of(client, "build"), 60)
     elapsed = time.monotonic() - started
     assert first.status == RunStatus.SUCCESS, first.status_message
     assert [s.name for s in first.steps] == ["dbt seed", "dbt build"]
@@ -322,6 +323,28 @@ async def test_a_new_stack_shows_a_successful_demo_run_within_a_minute(
     assert docs.status == RunStatus.SUCCESS, docs.status_message
     assert docs.cause == TriggerCause.JOB_COMPLETION
     assert await dev.stop() == 0
+    # What the run left behind: the store's row with its timings, logs and artifacts.
+    store = RunStore(f"sqlite:///{data / 'runslot.db'}")
+    try:
+        stored = store.get_run_by_key("demo", first.run_id)
+        assert stored is not None and stored.id == int(first.run_id)
+        assert stored.status == RunStatus.SUCCESS and stored.dbt_version
+        assert stored.created_at <= stored.dequeued_at <= stored.started_at  # type: ignore[operator]
+        assert stored.started_at is not None and stored.finished_at is not None
+        assert stored.finished_at >= stored.started_at
+        assert [(s.name, s.status) for s in stored.steps] == [
+            ("dbt seed", RunStatus.SUCCESS),
+            ("dbt build", RunStatus.SUCCESS),
+        ]
+        assert {"manifest.json", "run_results.json"} <= set(stored.artifacts)
+        for step in stored.steps:
+            assert step.log_key and (data / "artifacts" / step.log_key).stat().st_size > 0
+        step_dir = data / "artifacts" / "demo" / first.run_id / "step-2" / "artifacts"
+        assert (step_dir / "run_results.json").exists() and (step_dir / "manifest.json").exists()
+        docs_row = store.get_run_by_key("demo", docs.run_id)
+        assert docs_row is not None and docs_row.status == RunStatus.SUCCESS
+    finally:
+        store.close()
 
 
 async def _first_run_of(client: Client, job_id: str) -> RunResult:

@@ -19,17 +19,15 @@ from activities.artifacts import LocalArtifactStore, StepKey
 from activities.local import LocalExecutor, LocalExecutorSettings, installed_dbt_version
 from starter import jobs
 from tests.builders import account, wait_for, wait_run
-from tests.conftest import running_stack, unique
+from tests.conftest import new_store, running_stack, unique
 from workflows import constants as c
 from workflows.errors import MEMORY_LIMIT_MESSAGE
 from workflows.models import (
-    CleanupInput,
     Environment,
     JobDefinition,
     PrepareInput,
     RunResult,
     RunStatus,
-    StepInput,
     TriggerOverrides,
     TriggerRequest,
 )
@@ -226,7 +224,8 @@ async def test_a_secret_in_the_profile_never_reaches_history_logs_or_leftover_fi
     # dbt echoes this one (it is no DBT_ENV_SECRET_ variable, so dbt does not scrub it).
     environment.env_vars["JAFFLE_ECHO"] = "{{ secret('ECHO_TOKEN') }}"
     step = "dbt run-operation echo_env_var --args '{name: JAFFLE_ECHO}'"
-    async with running_stack(client, executor) as queues:
+    run_store = new_store(tmp_path)
+    async with running_stack(client, executor, store=run_store) as queues:
         job = _job(acct, [step], tmp_path, environment=environment)
         await jobs.save_job(client, job, account(acct), queues)
         res = await jobs.trigger(client, acct, "j", TriggerRequest())
@@ -235,6 +234,17 @@ async def test_a_secret_in_the_profile_never_reaches_history_logs_or_leftover_fi
             await client.get_workflow_handle(workflow_id).fetch_history()
             for workflow_id in (c.run_workflow_id(acct, res.run_id), c.job_workflow_id(acct, "j"))
         ]
+    # The run store got the job (its profile, with the reference) and the finished run.
+    stored_job = run_store.get_job_by_key(acct, "j")
+    assert stored_job is not None
+    reference = "{{ secret('WAREHOUSE_PASSWORD') }}"
+    assert stored_job.definition.environment.profile["password"] == reference
+    stored_run = run_store.get_run_by_key(acct, res.run_id)
+    assert stored_run is not None and stored_run.status == RunStatus.SUCCESS
+    run_store.close()  # checkpoints the WAL: every row is in the database file now
+    database = (tmp_path / "runslot.db").read_bytes()
+    assert b"secret('WAREHOUSE_PASSWORD')" in database, "the scan reads the stored rows"
+    assert PASSWORD.encode() not in database and TOKEN.encode() not in database
     # dbt read the password through env_var() in profiles.yml: had it been missing, dbt
     # would have failed to load the profile.
     assert run.status == RunStatus.SUCCESS, run.status_message
@@ -262,34 +272,18 @@ async def test_dbt_retry_in_a_rerun_builds_only_what_failed_or_was_skipped(
         fail = TriggerOverrides(env_vars={"JAFFLE_FAIL_ORDER_TOTALS": "1"})
         res = await jobs.trigger(client, acct, "j", TriggerRequest(overrides=fail))
         failed = await wait_run(client, acct, res.run_id, timeout=120)
-    assert failed.status == RunStatus.ERROR
-    first = json.loads(await store.get_file(StepKey(acct, res.run_id, 1), "run_results.json"))
-    statuses = {r["unique_id"]: r["status"] for r in first["results"]}
-    assert statuses["model.jaffle.order_totals"] == "error"
-    assert statuses["model.jaffle.customers"] == "success"
-    # The rerun, as the run workflow drives it once it passes retry_of_run_id to prep: a
-    # fresh workspace with the failed run's run_results.json in target/.
-    rerun = await executor.prepare(
-        PrepareInput(
-            account_id=acct, job_id="j", run_id=f"{res.run_id}-rerun",
-            environment=_environment(tmp_path), target_name="default", threads=4,
-            retry_of_run_id=res.run_id,
-        )
-    )  # fmt: skip
-    outcome = await executor.run_step(
-        StepInput(
-            account_id=acct, run_id=f"{res.run_id}-rerun", workspace=rerun.workspace,
-            index=1, argv=["dbt", "retry"], timeout_seconds=120,
-        ),
-        lambda _line: None,
-    )  # fmt: skip
-    await executor.cleanup(
-        CleanupInput(account_id=acct, run_id=f"{res.run_id}-rerun", workspace=rerun.workspace)
-    )
-    assert outcome.exit_code == 0 and "run_results.json" in outcome.artifacts
-    retried = json.loads(
-        await store.get_file(StepKey(acct, f"{res.run_id}-rerun", 1), "run_results.json")
-    )
+        assert failed.status == RunStatus.ERROR
+        first = json.loads(await store.get_file(StepKey(acct, res.run_id, 1), "run_results.json"))
+        statuses = {r["unique_id"]: r["status"] for r in first["results"]}
+        assert statuses["model.jaffle.order_totals"] == "error"
+        assert statuses["model.jaffle.customers"] == "success"
+        # Rerun from failure through the job: `dbt retry` in a fresh workspace that has the
+        # failed run's run_results.json in target/ (the failure switch is not set this time).
+        again = await jobs.trigger(client, acct, "j", TriggerRequest(rerun_of=res.run_id))
+        rerun = await wait_run(client, acct, again.run_id, timeout=120)
+    assert rerun.status == RunStatus.SUCCESS, rerun.status_message
+    assert [s.argv for s in rerun.steps] == [["dbt", "retry"]]
+    retried = json.loads(await store.get_file(StepKey(acct, again.run_id, 1), "run_results.json"))
     # Test ids end in a hash that depends on the dbt version: compare without it.
     assert {_without_hash(r["unique_id"]): r["status"] for r in retried["results"]} == {
         "model.jaffle.order_totals": "success",

@@ -15,8 +15,10 @@ from workflows.models import (
     JobState,
     JobTriggers,
     JobType,
+    RerunPlan,
     RunStatus,
     TriggerCause,
+    TriggerOverrides,
     TriggerRequest,
 )
 
@@ -144,8 +146,46 @@ def test_a_success_resets_the_failure_count_and_cancellations_do_not_count() -> 
 def test_dedupe_key_returns_the_first_run() -> None:
     j, st = job("a", "j"), JobState()
     first = _trigger(TriggerCause.API, dedupe_key="k")
-    policy.enqueue(j, st, first, policy.allocate_run_id(j, st, first), T0)
-    assert policy.existing_run_for(st, _trigger(TriggerCause.API, dedupe_key="k")) == "j-1"
+    policy.enqueue(j, st, first, "41", T0)
+    assert policy.existing_run_for(st, _trigger(TriggerCause.API, dedupe_key="k")) == "41"
+    assert policy.existing_run_for(st, _trigger(TriggerCause.API, dedupe_key="other")) is None
+
+
+def test_rerun_resumes_the_failed_step_with_dbt_retry_then_runs_the_rest() -> None:
+    j = job("a", "j", steps=["dbt seed", "dbt build -s +orders", "dbt test"])
+    plan = RerunPlan(run_id="7", failed_step=2, failed_argv=["dbt", "build", "-s", "+orders"])
+    assert policy.rerun_steps(j, plan) == [["dbt", "retry"], ["dbt", "test"]]
+
+
+def test_rerun_of_a_step_dbt_retry_cannot_resume_runs_that_step_again() -> None:
+    j = job("a", "j", steps=["dbt deps", "dbt build"])
+    plan = RerunPlan(run_id="7", failed_step=1, failed_argv=["dbt", "deps"])
+    assert policy.rerun_steps(j, plan) == [["dbt", "deps"], ["dbt", "build"]]
+
+
+def test_rerun_of_a_run_that_failed_before_its_steps_runs_them_all() -> None:
+    j = job("a", "j", steps=["dbt seed", "dbt build"])
+    assert policy.rerun_steps(j, RerunPlan(run_id="7", failed_step=None)) == [
+        ["dbt", "seed"], ["dbt", "build"],
+    ]  # fmt: skip
+
+
+def test_rerun_follows_the_failed_runs_own_steps_override() -> None:
+    j = job("a", "j", steps=["dbt build"])
+    plan = RerunPlan(
+        run_id="7", failed_step=1, failed_argv=["dbt", "run"],
+        steps_override=[["dbt", "run"], ["dbt", "test"]],
+    )  # fmt: skip
+    assert policy.rerun_steps(j, plan) == [["dbt", "retry"], ["dbt", "test"]]
+
+
+def test_docs_generate_is_appended_once() -> None:
+    j = job("a", "j", steps=["dbt build"], generate_docs=True)
+    docs = ["dbt", "docs", "generate"]
+    assert policy.planned_steps(j, TriggerOverrides()) == [["dbt", "build"], docs]
+    # A rerun whose failed step was the docs step itself does not get a second one.
+    rerun = TriggerOverrides(steps_override=["dbt docs generate"])
+    assert policy.planned_steps(j, rerun) == [docs]
 
 
 def test_completion_trigger_matches_listed_job_and_status_only() -> None:
@@ -163,3 +203,9 @@ def test_queue_is_bounded() -> None:
         policy.enqueue(j, st, _trigger(TriggerCause.API), f"r{n}", T0)
     with pytest.raises(policy.TriggerRejectedError, match="100 queued runs"):
         policy.check_trigger(j, st, _trigger(TriggerCause.API))
+
+
+def test_a_rerun_cannot_also_override_the_steps() -> None:
+    both = TriggerRequest(rerun_of="7", overrides=TriggerOverrides(steps_override=["dbt run"]))
+    with pytest.raises(policy.TriggerRejectedError, match="remove steps_override or rerun_of"):
+        policy.check_trigger(job("a", "j"), JobState(), both)

@@ -27,6 +27,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.store import (
     InvalidRecordError,
+    RerunRefusedError,
     RunStore,
     StoreActivities,
     UnknownJobError,
@@ -47,6 +48,8 @@ from tests.store_fixtures import (
 from workflows.models import (
     AccountSettings,
     AllocateRunInput,
+    CompletionTrigger,
+    JobTriggers,
     RecordRunInput,
     RunStatus,
     TriggerCause,
@@ -455,6 +458,44 @@ def test_git_fields_default_to_the_trigger_overrides(store: RunStore) -> None:
     assert run is not None
     assert (run.git_sha, run.git_branch, run.cause_text) == ("abcdef1", "feature", "PR")
     assert run.trigger is not None and run.trigger.overrides.git_branch == "feature"
+
+
+def test_rerun_plan_names_the_failed_step_and_the_commit(store: RunStore) -> None:
+    run_id = str(store.allocate_run("acme", "daily", "req-1"))
+    failed = snapshot(run_id, ERR, steps=2)
+    failed.run.steps[1].status = ERR
+    failed.run.git_sha = "abcdef1"
+    store.record_run(failed)
+    plan = store.rerun_plan("acme", "daily", run_id)
+    assert (plan.failed_step, plan.failed_argv) == (2, ["dbt", "run", "-s", "step2"])
+    assert plan.git_sha == "abcdef1" and plan.steps_override is None
+
+
+def test_rerun_plan_refuses_runs_that_did_not_fail_or_are_not_the_jobs(store: RunStore) -> None:
+    run_id = str(store.allocate_run("acme", "daily", "req-1"))
+    store.record_run(snapshot(run_id, OK, steps=1))
+    with pytest.raises(RerunRefusedError, match="ended Success: only a failed"):
+        store.rerun_plan("acme", "daily", run_id)
+    store.upsert_job(job_definition("hourly"))
+    with pytest.raises(RerunRefusedError, match="is not a run of job hourly"):
+        store.rerun_plan("acme", "hourly", run_id)
+    with pytest.raises(RerunRefusedError, match="run 404 is not a run"):
+        store.rerun_plan("acme", "daily", "404")
+
+
+def test_dependent_jobs_are_found_from_the_saved_definitions(store: RunStore) -> None:
+    after = job_definition("after").model_copy(
+        update={"triggers": JobTriggers(on_job_completion=[CompletionTrigger(job_id="daily")])}
+    )
+    store.upsert_job(after)
+    store.upsert_job(job_definition("other"))
+    other_account = after.model_copy(update={"account_id": "globex"})
+    store.upsert_job(other_account)
+    assert store.dependent_jobs("acme", "daily") == ["after"]
+    assert store.dependent_jobs("acme", "after") == []
+    deleted = store.get_job_by_key("acme", "after")
+    assert deleted is not None and store.set_job_state("acme", deleted.id, 2)
+    assert store.dependent_jobs("acme", "daily") == [], "deleted jobs are not triggered"
 
 
 # --------------------------------------------------------------------------- listing

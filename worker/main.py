@@ -17,11 +17,13 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import sqlalchemy as sa
 import typer
 from pydantic import ValidationError
 from temporalio.client import Client
 
 from activities.local import LocalExecutor, LocalExecutorSettings
+from activities.store import RunStore
 from activities.telemetry import build_sink
 from starter.client import connect
 from worker.logging import LogLevel, configure_logging
@@ -45,7 +47,17 @@ def command(  # keyword-only: typer maps each parameter to an option
     namespace: Annotated[
         str, typer.Option(envvar="RUNSLOT_NAMESPACE", help="Temporal namespace.")
     ] = "default",
-    data_dir: Annotated[Path, typer.Option(help="Where run workspaces are kept.")] = DATA_DIR,
+    data_dir: Annotated[
+        Path, typer.Option(help="Where workspaces, logs, artifacts and the SQLite store live.")
+    ] = DATA_DIR,
+    store_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RUNSLOT_STORE_URL",
+            help="Run store database URL, e.g. postgresql+psycopg://user@host/runslot "
+            "(default: sqlite file runslot.db in --data-dir).",
+        ),
+    ] = None,
     secrets_file: Annotated[
         Path | None,
         typer.Option(help="JSON/YAML file of secrets that profiles reference by name."),
@@ -91,6 +103,7 @@ def command(  # keyword-only: typer maps each parameter to an option
             temporal_address=temporal_address,
             namespace=namespace,
             data_dir=data_dir,
+            store_url=store_url,
             secrets_file=secrets_file,
             max_concurrent_steps=max_concurrent_steps,
             step_activities_per_second=step_activities_per_second or None,
@@ -193,9 +206,17 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
         otlp_endpoint=settings.otlp_endpoint,
         export_interval_seconds=settings.telemetry_export_interval_seconds,
     )
+    store = None
+    if Pool.WORKFLOWS.value in settings.pool_names:
+        try:
+            store = await _open_store(settings)
+        except Exception as err:  # noqa: BLE001 - one clear line, not a traceback
+            url = sa.make_url(settings.store_database_url).render_as_string(hide_password=True)
+            log.error("cannot open the run store at %s: %s", url, err)
+            return 1
     workers = build_workers(
         client,
-        Pools(executor=executor, telemetry=telemetry),
+        Pools(executor=executor, telemetry=telemetry, store=store),
         which=settings.pool_names,
         max_concurrent_steps=settings.max_concurrent_steps,
         step_activities_per_second=settings.step_activities_per_second,
@@ -222,8 +243,20 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
     except Exception:
         log.exception("worker pool %s failed", settings.pool.value)
         return 1
+    finally:
+        if store is not None:
+            store.close()
     log.info("pool %s stopped", settings.pool.value)
     return 0
+
+
+async def _open_store(settings: WorkerSettings) -> RunStore:
+    """The run store, migrated to this release's schema (a no-op when it is there already;
+    concurrent migrators are serialized by the store)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = RunStore(settings.store_database_url)
+    await asyncio.to_thread(store.migrate)
+    return store
 
 
 async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:

@@ -13,6 +13,8 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.control import CONTROL_ACTIVITIES
 from activities.executor import Executor, ExecutorActivities
+from activities.store import RunStore
+from activities.store.activities import StoreActivities
 from activities.telemetry import TelemetryActivities, TelemetrySink
 from workflows.job import JobWorkflow
 from workflows.models import TaskQueues
@@ -38,6 +40,9 @@ class Pools:
 
     executor: Executor
     telemetry: TelemetrySink
+    store: RunStore | None = None
+    """The run store: the workflow pool writes it (local activities) and reads it (reruns,
+    job-completion fan-out). Required by that pool only."""
 
 
 def build_workers(
@@ -59,13 +64,16 @@ def build_workers(
     workers: list[Worker] = []
     executor_acts = ExecutorActivities(pools.executor)
     if "workflows" in which:
+        if pools.store is None:
+            raise ValueError("the workflows pool needs the run store (Pools.store)")
         workers.append(
             Worker(
                 client,
                 task_queue=queues.workflows,
                 workflows=list(WORKFLOWS),
-                # Local activities run on the workflow worker (slot requests, liveness).
-                activities=list(CONTROL_ACTIVITIES),
+                # Local activities run on the workflow worker: slot requests, liveness, and
+                # every run store call (ids, snapshots, reruns, dependents).
+                activities=[*CONTROL_ACTIVITIES, *StoreActivities(pools.store).all()],
                 workflow_runner=workflow_runner(),
                 max_cached_workflows=max_cached_workflows,
                 graceful_shutdown_timeout=_seconds(graceful_shutdown_seconds),

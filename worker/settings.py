@@ -25,12 +25,18 @@ POOLS = (Pool.WORKFLOWS, Pool.STEPS, Pool.TELEMETRY)
 
 TelemetryExporter = Literal["log", "console", "otlp"]
 
+STORE_FILE = "runslot.db"
+"""The default run store: a SQLite file in the data directory."""
+
 
 class WorkerSettings(BaseModel):
     temporal_address: str = "127.0.0.1:7233"
     namespace: str = "default"
     pool: Pool = Pool.ALL
     data_dir: Path = Path(".runslot")
+    store_url: str | None = None
+    """The run store's database URL (``sqlite:///path`` or ``postgresql+psycopg://...``);
+    unset: the SQLite file ``runslot.db`` in ``data_dir``. Only the workflow pool uses it."""
     secrets_file: Path | None = None
     """A JSON or YAML mapping of secret name to value that steps' profiles may reference
     as ``{{ secret('NAME') }}`` (``RUNSLOT_SECRET_NAME`` variables work too)."""
@@ -70,6 +76,10 @@ class WorkerSettings(BaseModel):
         if self.otlp_endpoint is not None and self.telemetry_exporter != "otlp":
             raise ValueError("otlp_endpoint is set: also set telemetry_exporter to 'otlp'")
         return self
+
+    @property
+    def store_database_url(self) -> str:
+        return self.store_url or f"sqlite:///{(self.data_dir / STORE_FILE).resolve()}"
 
     @property
     def workspace_root(self) -> Path:

@@ -93,6 +93,27 @@ PREP_RETRY = RetryPolicy(
 )
 TELEMETRY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
 """Bounded: telemetry retries can never pile up (the dbt Cloud incident of February 2026)."""
+STORE_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+    maximum_attempts=5,
+)
+"""Run store calls from workflows (local activities): a few quick attempts; the store's
+own errors say whether a retry can help (``non_retryable``). A write that
+still fails is kept and retried later by the job, or logged by the run (the final snapshot
+uses ``STORE_FINAL_RETRY``)."""
+STORE_FINAL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=30,
+)
+"""A run's final snapshot: about 12 minutes of attempts, after the slot is released."""
+STORE_UNAVAILABLE = "StoreUnavailable"
+"""``ApplicationError.type`` of a store call that failed for want of the store (not refused)."""
+PENDING_RECORDS_KEPT = 500
+"""Runs a job keeps for the store while it is down (oldest dropped first, with a warning)."""
+STORE_RETRY_AFTER = timedelta(seconds=30)
+"""How long a job waits before retrying store work that failed (a cron fire, a record)."""
 CONTROL_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     maximum_interval=timedelta(seconds=5),

@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RawValue, SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import (
     ActivityError,
+    ApplicationError,
     CancelledError,
     ChildWorkflowError,
     FailureError,
@@ -29,10 +30,12 @@ from temporalio.exceptions import (
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.control import closed_workflows, notify_dependents
+    from activities.control import closed_workflows
     from workflows import constants as c
     from workflows import policy
     from workflows.models import (
+        AllocateRunInput,
+        AllocateRunResult,
         CancelRequest,
         DropSchemaInput,
         FinishedRun,
@@ -45,6 +48,10 @@ with workflow.unsafe.imports_passed_through():
         NotifyDependentsInput,
         PullRequestClosed,
         QueuedRun,
+        RecordRunInput,
+        RecordRunResult,
+        RerunPlan,
+        RerunPlanInput,
         RunFinished,
         RunInput,
         RunResult,
@@ -52,11 +59,14 @@ with workflow.unsafe.imports_passed_through():
         TriggerCause,
         TriggerRequest,
         TriggerResult,
+        UpsertJobInput,
+        UpsertJobResult,
         UpstreamFinished,
     )
     from workflows.run import RunWorkflow, initial_search_attributes
 
 MIN_WAIT = timedelta(seconds=1)
+T = TypeVar("T")
 
 
 @workflow.defn(name=c.JOB_WORKFLOW)
@@ -70,6 +80,14 @@ class JobWorkflow:
         self._dirty = True
         self._cancels: list[policy.Cancellation] = []
         self._orphan_check_at: datetime | None = None
+        # Triggers are accepted one at a time: each awaits the run store for its run id, and
+        # dedupe keys and queue rules must never see a half-accepted trigger.
+        self._accepting = asyncio.Lock()
+        # The job as saved in the run store: a version counter, bumped by every change the
+        # store shows (definition, account, deactivation); saves are serialized by the lock.
+        self._version = 0
+        self._saved_version = 0 if self.st.store_id is not None else -1
+        self._store_retry_at: datetime | None = None
 
     @workflow.run
     async def run(self, inp: JobWorkflowInput) -> None:
@@ -80,7 +98,11 @@ class JobWorkflow:
             # Cleared before the awaits below: anything arriving meanwhile sets it again.
             self._dirty = False
             now = workflow.now()
-            self._fire_cron_if_due(now)
+            if self._store_retry_at is None or now >= self._store_retry_at:
+                self._store_retry_at = None
+                async with self._accepting:
+                    await self._save_job_if_needed()
+            await self._fire_cron_if_due(now)
             self._expire_queue(now)
             await self._send_cancels()
             await self._start_ready()
@@ -107,39 +129,138 @@ class JobWorkflow:
     # ------------------------------------------------------------------ triggers
 
     @workflow.update(name=c.UPDATE_TRIGGER)
-    def trigger(self, req: TriggerRequest) -> TriggerResult:
+    async def trigger(self, req: TriggerRequest) -> TriggerResult:
         """Queue a run; returns its id at once. Repeats of a dedupe key return the first id."""
-        return self._accept(req)
+        try:
+            return await self._accept(req)
+        except policy.TriggerRejectedError as err:
+            # The job changed while the update waited its turn (deactivated, queue full).
+            raise ApplicationError(str(err), type="TriggerRejected", non_retryable=True) from err
 
     @trigger.validator
     def _validate_trigger(self, req: TriggerRequest) -> None:
         policy.check_trigger(self.job, self.st, req)
 
     @workflow.signal(name=c.SIGNAL_TRIGGER)
-    def trigger_signal(self, raw: Any) -> None:
+    async def trigger_signal(self, raw: Any) -> None:
         """Signal form of ``trigger`` for ``temporal workflow signal`` (fire and forget)."""
         try:
             req = TriggerRequest.model_validate(raw)
             policy.check_trigger(self.job, self.st, req)
-            self._accept(req)
+            await self._accept(req)
         except Exception as err:  # noqa: BLE001 - a signal handler must never raise
             self._reject("trigger", err)
 
-    def _accept(self, req: TriggerRequest) -> TriggerResult:
-        existing = policy.existing_run_for(self.st, req)
-        if existing is not None:
-            return TriggerResult(run_id=existing, deduplicated=True)
-        run_id = policy.allocate_run_id(self.job, self.st, req)
-        was_deactivated = self.st.deactivated
-        cancellations = policy.enqueue(self.job, self.st, req, run_id, workflow.now())
-        if was_deactivated and not self.st.deactivated:
-            self._show_activation()  # a manual "Run now" reactivated the job
-        self._apply_cancellations(cancellations)
-        self._dirty = True
-        return TriggerResult(run_id=run_id, cancelled_run_ids=[x.run_id for x in cancellations])
+    async def _accept(self, req: TriggerRequest) -> TriggerResult:
+        """Give the trigger a run id from the run store and queue the run.
+
+        Raises:
+            TriggerRejectedError: The job refuses the trigger now (checked again: the job may
+                have changed since the update's validator ran).
+            ApplicationError: The run store could not plan a rerun or allocate the id.
+        """
+        async with self._accepting:
+            existing = policy.existing_run_for(self.st, req)
+            if existing is not None:
+                return TriggerResult(run_id=existing, deduplicated=True)
+            policy.check_trigger(self.job, self.st, req)
+            if req.rerun_of is not None:
+                req = await self._plan_rerun(req)
+            run_id = req.run_id or await self._allocate(req)
+            was_deactivated = self.st.deactivated
+            cancellations = policy.enqueue(self.job, self.st, req, run_id, workflow.now())
+            if was_deactivated and not self.st.deactivated:
+                self._show_activation()  # a manual "Run now" reactivated the job
+            self._apply_cancellations(cancellations)
+            self._dirty = True
+            return TriggerResult(run_id=run_id, cancelled_run_ids=[x.run_id for x in cancellations])
+
+    async def _allocate(self, req: TriggerRequest) -> str:
+        """A new run id from the run store, keyed so that a retried call returns the same id."""
+        await self._save_job_if_needed(required=True)
+        result = await self._store_call(
+            "store_allocate_run",
+            AllocateRunInput(
+                account_id=self.account.account_id,
+                job_id=self.job.job_id,
+                # workflow.uuid4 replays identically: a retried activity or a replayed task
+                # asks for the same key, and the store answers with the same run.
+                request_key=f"{workflow.info().workflow_id}:{workflow.uuid4()}",
+                trigger=req,
+            ),
+            AllocateRunResult,
+            "allocate a run id",
+        )
+        return result.run_id
+
+    async def _plan_rerun(self, req: TriggerRequest) -> TriggerRequest:
+        """Rerun from failure: the failed run's commit, and its steps from the failed one."""
+        assert req.rerun_of is not None
+        plan = await self._store_call(
+            "store_rerun_plan",
+            RerunPlanInput(
+                account_id=self.account.account_id, job_id=self.job.job_id, run_id=req.rerun_of
+            ),
+            RerunPlan,
+            f"look up run {req.rerun_of}",
+        )
+        overrides = req.overrides.model_copy(
+            update={
+                "steps_override": policy.rerun_steps(self.job, plan),
+                "git_sha": req.overrides.git_sha or plan.git_sha,
+            }
+        )
+        return req.model_copy(update={"overrides": overrides})
+
+    async def _store_call(self, activity: str, arg: Any, result_type: type[T], what: str) -> T:
+        """A run store local activity; its failure becomes one clear ApplicationError."""
+        try:
+            result: T = await workflow.execute_local_activity(
+                activity,
+                arg,
+                result_type=result_type,
+                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                retry_policy=c.STORE_RETRY,
+                summary=what,
+            )
+        except FailureError as err:
+            cause = err.cause if isinstance(err, ActivityError) else err
+            # The store's own refusals are non-retryable ApplicationErrors (StoreUnknownRun,
+            # StoreRerunRefused, ...); anything else means the store could not be reached.
+            if isinstance(cause, ApplicationError) and cause.non_retryable and cause.type:
+                kind, message = cause.type, cause.message
+            else:
+                kind, message = c.STORE_UNAVAILABLE, str(cause or err)
+            raise ApplicationError(
+                f"the run store could not {what}: {message}", type=kind, non_retryable=True
+            ) from err
+        return result
+
+    async def _save_job_if_needed(self, *, required: bool = False) -> None:
+        """Write the job (definition, account, deactivated flag) to the run store when it
+        changed. The caller holds ``_accepting``, so saves never overtake each other.
+        ``required``: the caller needs the row (raise if it cannot be written)."""
+        version = self._version
+        if self._saved_version == version:
+            return
+        try:
+            saved = await self._store_call(
+                "store_upsert_job",
+                UpsertJobInput(job=self.job, account=self.account, deactivated=self.st.deactivated),
+                UpsertJobResult,
+                "save the job",
+            )
+        except ApplicationError as err:
+            if required:
+                raise
+            workflow.logger.warning("job %s not saved in the run store: %s", self.job.job_id, err)
+            self._store_retry_at = workflow.now() + c.STORE_RETRY_AFTER
+            return
+        self.st.store_id = saved.id
+        self._saved_version = version
 
     @workflow.signal(name=c.SIGNAL_UPSTREAM_FINISHED)
-    def upstream_finished(self, raw: Any) -> None:
+    async def upstream_finished(self, raw: Any) -> None:
         """Rule 7: another job's run ended; run this job if it lists that job and status."""
         try:
             event = UpstreamFinished.model_validate(raw)
@@ -152,15 +273,20 @@ class JobWorkflow:
                 dedupe_key=f"upstream:{event.job_id}:{event.run_id}",
             )
             policy.check_trigger(self.job, self.st, req)
-            self._accept(req)
+            await self._accept(req)
         except Exception as err:  # noqa: BLE001
             self._reject("upstream_finished", err)
 
     # ------------------------------------------------------------------ job management
 
     @workflow.update(name=c.UPDATE_CONFIGURE)
-    def configure(self, upd: JobUpdate) -> JobDescription:
-        """Save the job: a new definition takes effect at once and reactivates the job."""
+    async def configure(self, upd: JobUpdate) -> JobDescription:
+        """Save the job: a new definition takes effect at once and reactivates the job.
+
+        Returns once the run store has it too (its ``store_id`` is in the description), so
+        a caller reading the store next finds the job; if the store is down, the job still
+        takes the new definition and writes it to the store later.
+        """
         upstream_before = self._upstream()
         self.job = upd.job
         if upd.account is not None:
@@ -172,6 +298,9 @@ class JobWorkflow:
         if self._upstream() != upstream_before:
             workflow.upsert_search_attributes([c.SA_UPSTREAM.value_set(self._upstream())])
         self._dirty = True
+        self._version += 1
+        async with self._accepting:
+            await self._save_job_if_needed()
         return self.describe()
 
     @configure.validator
@@ -260,12 +389,12 @@ class JobWorkflow:
         base = self.st.last_cron_fire or workflow.now()
         return policy.next_cron_fire(schedule.cron, schedule.timezone, base)
 
-    def _fire_cron_if_due(self, now: datetime) -> None:
+    async def _fire_cron_if_due(self, now: datetime) -> None:
         due = self._next_cron()
         if due is None or now < due:
             return
-        # One fire however many ticks were missed (worker down): never a burst.
-        self.st.last_cron_fire = now
+        if self._store_retry_at is not None and now < self._store_retry_at:
+            return
         req = TriggerRequest(
             cause=TriggerCause.SCHEDULED,
             cause_text="Triggered by the job's schedule",
@@ -273,11 +402,17 @@ class JobWorkflow:
             scheduled_at=due,
         )
         try:
-            policy.check_trigger(self.job, self.st, req)
+            await self._accept(req)
         except policy.TriggerRejectedError as err:
             self._reject("schedule", err)
+        except ApplicationError as err:
+            # No run id (the run store is down): the tick stays due and fires once when the
+            # store is back, like a tick missed while the worker was down.
+            self._reject("schedule", err)
+            self._store_retry_at = now + c.STORE_RETRY_AFTER
             return
-        self._accept(req)
+        # One fire however many ticks were missed (worker down): never a burst.
+        self.st.last_cron_fire = now
 
     def _expire_queue(self, now: datetime) -> None:
         """Rule 9: queued runs past the account's max queue wait are cancelled."""
@@ -309,7 +444,8 @@ class JobWorkflow:
                     status=RunStatus.CANCELLED,
                     message=cancellation.message,
                     finished_at=workflow.now(),
-                )
+                ),
+                to_store=True,  # its run workflow never started: the job writes its end
             )
 
     async def _send_cancels(self) -> None:
@@ -369,7 +505,8 @@ class JobWorkflow:
                     run_id=queued.run_id,
                     status=RunStatus.ERROR,
                     message=f"The run could not start: {err}",
-                )
+                ),
+                to_store=True,
             )
             return
         asyncio.create_task(self._watch(flight, handle))  # noqa: RUF006 - lives with the workflow
@@ -378,12 +515,13 @@ class JobWorkflow:
         """Catch ends the run cannot report itself: terminate, timeout, a failed workflow."""
         try:
             result: RunResult = await handle
-            finished = RunFinished(
-                run_id=flight.run_id, status=result.status, message=result.status_message
-            )
         except ChildWorkflowError as err:
-            finished = _finished_from_child_error(flight.run_id, err)
-        self._on_finished(finished)
+            # Terminated or failed: the run could not write its own end to the store.
+            self._on_finished(_finished_from_child_error(flight.run_id, err), to_store=True)
+            return
+        self._on_finished(
+            RunFinished(run_id=flight.run_id, status=result.status, message=result.status_message)
+        )
 
     async def _check_orphans(self) -> None:
         """Runs carried across continue-as-new have no child handle: check on them slowly."""
@@ -414,10 +552,11 @@ class JobWorkflow:
                         run_id=run.run_id,
                         status=RunStatus.CANCELLED,
                         message="The run's workflow ended without reporting (terminated?)",
-                    )
+                    ),
+                    to_store=True,
                 )
 
-    def _on_finished(self, finished: RunFinished) -> None:
+    def _on_finished(self, finished: RunFinished, *, to_store: bool = False) -> None:
         flight = next((r for r in self.st.in_flight if r.run_id == finished.run_id), None)
         if flight is None:
             return  # already recorded (signal and child result both arrive)
@@ -429,7 +568,8 @@ class JobWorkflow:
                 status=finished.status,
                 message=finished.message,
                 finished_at=finished.finished_at or workflow.now(),
-            )
+            ),
+            to_store=to_store,
         )
         if not policy.is_ci(self.job, TriggerRequest(cause=flight.cause, pr_id=flight.pr_id)):
             self.st.pending_notifications.append(
@@ -439,7 +579,14 @@ class JobWorkflow:
             )
         self._dirty = True
 
-    def _record(self, finished: FinishedRun) -> None:
+    def _record(self, finished: FinishedRun, *, to_store: bool) -> None:
+        """Count a finished run (rule 8). ``to_store``: the run's own workflow could not write
+        its end to the run store (never started, terminated), so the job writes it."""
+        if to_store:
+            if len(self.st.pending_records) >= c.PENDING_RECORDS_KEPT:
+                dropped = self.st.pending_records.pop(0)
+                workflow.logger.warning("run %s: store write dropped", dropped.run_id)
+            self.st.pending_records.append(finished)
         if policy.record_finished(self.job, self.st, finished):
             workflow.logger.warning(
                 "job %s deactivated after %d consecutive failed runs",
@@ -451,13 +598,15 @@ class JobWorkflow:
         """Only on a change, so `RunslotStatus='Deactivated'` finds deactivated jobs."""
         status = "Deactivated" if self.st.deactivated else "Active"
         workflow.upsert_search_attributes([c.SA_STATUS.value_set(status)])
+        self._version += 1  # the run store shows it too
 
     async def _flush_side_effects(self) -> None:
+        await self._flush_records()
         while self.st.pending_notifications:
             event = self.st.pending_notifications.pop(0)
             try:
                 await workflow.execute_local_activity(
-                    notify_dependents,
+                    "notify_dependents",
                     NotifyDependentsInput(
                         account_id=self.account.account_id,
                         job_id=event.job_id,
@@ -492,6 +641,41 @@ class JobWorkflow:
             except ActivityError as err:
                 workflow.logger.warning("schema %s not dropped: %s", schema, err)
 
+    async def _flush_records(self) -> None:
+        """Write runs the job ended itself to the run store; on failure, retry later."""
+        if self._store_retry_at is not None and workflow.now() < self._store_retry_at:
+            return
+        while self.st.pending_records:
+            finished = self.st.pending_records[0]
+            try:
+                await self._store_call(
+                    "store_record_run",
+                    RecordRunInput(
+                        run=RunResult(
+                            run_id=finished.run_id,
+                            account_id=self.account.account_id,
+                            job_id=self.job.job_id,
+                            status=finished.status,
+                            status_message=finished.message,
+                            cause=finished.cause,
+                            created_at=finished.finished_at,
+                            finished_at=finished.finished_at,
+                        )
+                    ),
+                    RecordRunResult,
+                    f"record the end of run {finished.run_id}",
+                )
+            except ApplicationError as err:
+                if err.type != c.STORE_UNAVAILABLE:
+                    # The store refuses this record for good (an unknown run): drop it.
+                    workflow.logger.warning("%s", err)
+                    self.st.pending_records.pop(0)
+                    continue
+                workflow.logger.warning("%s; retrying later", err)
+                self._store_retry_at = workflow.now() + c.STORE_RETRY_AFTER
+                return
+            self.st.pending_records.pop(0)
+
     def _next_wakeup(self) -> timedelta | None:
         now = workflow.now()
         deadlines = [
@@ -500,6 +684,7 @@ class JobWorkflow:
                 self._next_cron(),
                 policy.next_queue_deadline(self.st, self.account.max_queue_wait),
                 self._orphan_check_at,
+                self._store_retry_at,
             )
             if d is not None
         ]

@@ -334,7 +334,12 @@ class TriggerRequest(StrictModel):
     cause: TriggerCause = TriggerCause.API
     cause_text: str = Field(default="", max_length=255)
     run_id: Ident | None = None
-    """Set when the caller allocated the id (the run store); otherwise the job allocates one."""
+    """Set when the caller already holds the run's id; otherwise the job has the run store
+    allocate one. An id made of digits only must have been allocated by the store."""
+    rerun_of: Ident | None = None
+    """Rerun from failure: the id of a failed run of this job. The new run builds the same
+    commit, starts with ``dbt retry`` in place of the step that failed (dbt rebuilds only
+    what errored or was skipped) and goes on with the steps after it."""
     dedupe_key: str | None = Field(default=None, max_length=200)
     """A repeated key returns the first run's id instead of queueing a second run."""
     pr_id: int | None = Field(default=None, ge=1)
@@ -483,6 +488,10 @@ class JobState(WireModel):
     in_flight: list[InFlightRun] = Field(default_factory=list)
     last_cron_fire: datetime | None = None
     next_seq: int = 1
+    """Unused since the run store allocates run ids; kept so that the previous release can
+    still read this state (expand/contract)."""
+    store_id: int | None = None
+    """The job's id in the run store (dbt Cloud's ``job_definition_id``), once saved there."""
     consecutive_failures: int = 0
     deactivated: bool = False
     recent: list[FinishedRun] = Field(default_factory=list)
@@ -490,6 +499,9 @@ class JobState(WireModel):
     rejected: list[Rejected] = Field(default_factory=list)
     pending_notifications: list[UpstreamFinished] = Field(default_factory=list)
     pending_schema_drops: list[str] = Field(default_factory=list)
+    pending_records: list[FinishedRun] = Field(default_factory=list)
+    """Runs the job ended itself (cancelled while queued, failed to start, terminated), not
+    yet written to the run store: written by the main loop, kept until the store takes them."""
     generation: int = 0
 
 
@@ -734,3 +746,24 @@ class RecordRunResult(WireModel):
     """False when the snapshot was stale and the stored run was left as it was."""
     status: RunStatus
     """The stored status after the call."""
+
+
+class RerunPlanInput(WireModel):
+    """Look up a failed run to rerun from failure (activity ``store_rerun_plan``)."""
+
+    account_id: str
+    job_id: str
+    run_id: str
+
+
+class RerunPlan(WireModel):
+    """What the failed run did: the job turns it into the rerun's steps."""
+
+    run_id: str
+    failed_step: int | None
+    """Index (from 1) of the step that failed; None: the run failed before its steps."""
+    failed_argv: list[str] | None = None
+    steps_override: list[list[str]] | None = None
+    """The failed run's own steps override, if it had one (else the job's steps apply)."""
+    git_sha: str | None = None
+    """The commit the failed run built: the rerun builds the same one."""

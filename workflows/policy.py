@@ -26,8 +26,10 @@ from workflows.models import (
     JobType,
     QueuedRun,
     Rejected,
+    RerunPlan,
     RunStatus,
     TriggerCause,
+    TriggerOverrides,
     TriggerRequest,
 )
 
@@ -137,6 +139,11 @@ def check_trigger(job: JobDefinition, state: JobState, trigger: TriggerRequest) 
     """Raise ``TriggerRejectedError`` if this trigger must not enqueue a run. Read-only."""
     if existing_run_for(state, trigger) is not None:
         return  # a repeat: answered with the first run's id, never rejected
+    if trigger.rerun_of is not None and trigger.overrides.steps_override is not None:
+        raise TriggerRejectedError(
+            "a rerun from failure takes its steps from the failed run; "
+            "remove steps_override or rerun_of"
+        )
     if state.deactivated and trigger.cause != TriggerCause.MANUAL:
         raise TriggerRejectedError(
             DEACTIVATED_MESSAGE.format(job_id=job.job_id, failures=state.consecutive_failures)
@@ -163,12 +170,36 @@ def existing_run_for(state: JobState, trigger: TriggerRequest) -> str | None:
     return None
 
 
-def allocate_run_id(job: JobDefinition, state: JobState, trigger: TriggerRequest) -> str:
-    if trigger.run_id is not None:
-        return trigger.run_id
-    run_id = f"{job.job_id}-{state.next_seq}"
-    state.next_seq += 1
-    return run_id
+RETRY_SUBCOMMANDS = frozenset(
+    {"build", "clone", "compile", "retry", "run", "run-operation", "seed", "snapshot", "test"}
+)
+"""Commands ``dbt retry`` can resume (it re-runs the previous invocation's failed nodes);
+any other failed step (``deps``, ``docs generate``, ``source freshness``) runs again as is."""
+
+DOCS_STEP = ["dbt", "docs", "generate"]
+
+
+def planned_steps(job: JobDefinition, overrides: TriggerOverrides) -> list[list[str]]:
+    """The steps a run executes: the override or the job's, then ``docs generate`` when the
+    job generates docs (unless the steps already end with it)."""
+    steps = [list(s) for s in (overrides.steps_override or job.execute_steps)]
+    if job.generate_docs and (not steps or steps[-1][:3] != DOCS_STEP):
+        steps.append(list(DOCS_STEP))
+    return steps
+
+
+def rerun_steps(job: JobDefinition, plan: RerunPlan) -> list[list[str]]:
+    """Rerun from failure: ``dbt retry`` in place of the failed step, then the steps after it.
+
+    A run that failed before its first step reruns every step; a failed step ``dbt retry``
+    cannot resume (``deps``, ``source freshness``, ...) is run again as it was.
+    """
+    base = [list(s) for s in (plan.steps_override or job.execute_steps)]
+    if plan.failed_step is None or plan.failed_argv is None:
+        return base
+    failed = plan.failed_argv
+    resumed = ["dbt", "retry"] if len(failed) > 1 and failed[1] in RETRY_SUBCOMMANDS else failed
+    return [resumed, *base[plan.failed_step :]]
 
 
 def enqueue(

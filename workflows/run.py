@@ -19,6 +19,7 @@ from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     CancelledError,
+    FailureError,
 )
 from temporalio.exceptions import (
     TimeoutError as TemporalTimeoutError,
@@ -37,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
         CleanupInput,
         PreparedRun,
         PrepareInput,
+        RecordRunInput,
+        RecordRunResult,
         RunFinished,
         RunInput,
         RunResult,
@@ -52,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 MIN_WAIT = timedelta(seconds=1)
+RETRY_STEP = ["dbt", "retry"]
 STEP_GRACE = timedelta(minutes=1)
 
 
@@ -64,6 +68,7 @@ class RunWorkflow:
         self.cancel_reason: str | None = None
         self._finishing = False
         self._main: asyncio.Task[RunResult] | None = None
+        self._seq = 0  # run store snapshots written so far
         self.r = RunResult(
             run_id=inp.run_id,
             account_id=inp.account.account_id,
@@ -133,6 +138,7 @@ class RunWorkflow:
     async def _start_and_execute(self, prepared: list[PreparedRun]) -> None:
         self.r.dequeued_at = workflow.now()
         self._set_status(RunStatus.STARTING, "preparing")
+        await self._store()
         await self._execute_with_timeout(prepared)
 
     async def _acquire_slot(self) -> bool:
@@ -218,6 +224,9 @@ class RunWorkflow:
                     env_vars=overrides.env_vars,
                     git_sha=overrides.git_sha,
                     git_branch=overrides.git_branch,
+                    retry_of_run_id=inp.trigger.rerun_of
+                    if overrides.steps_override and overrides.steps_override[0] == RETRY_STEP
+                    else None,
                 ),
                 result_type=PreparedRun,
                 task_queue=self.inp.queues.steps,
@@ -231,9 +240,7 @@ class RunWorkflow:
         workspace = prepared[0].workspace
         self.r.git_sha = prepared[0].git_sha
         self.r.dbt_version = prepared[0].dbt_version or None
-        steps = list(overrides.steps_override or job.execute_steps)
-        if job.generate_docs:
-            steps.append(["dbt", "docs", "generate"])
+        steps = policy.planned_steps(job, overrides)
         step_timeout = self._run_timeout() + STEP_GRACE
         for index, argv in enumerate(steps, start=1):
             now = workflow.now()
@@ -246,6 +253,7 @@ class RunWorkflow:
             )  # fmt: skip
             self.r.steps.append(step)
             workflow.set_current_details(f"step {index}/{len(steps)}: {' '.join(argv)[:120]}")
+            await self._store()
             try:
                 outcome = await workflow.execute_activity(
                     "run_step",
@@ -325,6 +333,7 @@ class RunWorkflow:
                 workflow.logger.warning("release of %s failed: %s", self.inp.run_id, err)
         self.r.finished_at = workflow.now()
         self._set_status(self.r.status, self.r.status.humanized)
+        await self._store(final=True)
         try:
             await workflow.get_external_workflow_handle(self.inp.job_workflow_id).signal(
                 c.SIGNAL_RUN_FINISHED,
@@ -367,6 +376,27 @@ class RunWorkflow:
         except ActivityError as err:
             # Telemetry never changes a run's status (dbt Cloud, February 2026).
             workflow.logger.warning("telemetry for %s failed: %s", self.inp.run_id, err)
+
+    async def _store(self, *, final: bool = False) -> None:
+        """Write this run's snapshot to the run store (a local activity: one marker event).
+
+        Snapshots are numbered, and the store applies them monotonically, so a retried or
+        late one never moves the run backwards. A failed write is logged, never fatal: the
+        final snapshot, which carries everything, retries for minutes (after the slot is
+        released, so it holds no capacity).
+        """
+        self._seq += 1
+        try:
+            await workflow.execute_local_activity(
+                "store_record_run",
+                RecordRunInput(run=self.r, seq=self._seq),
+                result_type=RecordRunResult,
+                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                retry_policy=c.STORE_FINAL_RETRY if final else c.STORE_RETRY,
+                summary=f"record run {self.inp.run_id} ({self.r.status.humanized})",
+            )
+        except FailureError as err:
+            workflow.logger.warning("run %s not recorded in the store: %s", self.inp.run_id, err)
 
     def _set_status(self, status: RunStatus, details: str) -> None:
         self.r.status = status

@@ -8,6 +8,7 @@ activities; schema.py holds the tables, migrate.py the Alembic wiring (revisions
 from activities.store.activities import StoreActivities
 from activities.store.errors import (
     InvalidRecordError,
+    RerunRefusedError,
     StoreError,
     UnknownAccountError,
     UnknownJobError,
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidRecordError",
     "Page",
     "Quarantined",
+    "RerunRefusedError",
     "RunStore",
     "StoreActivities",
     "StoreError",

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.store.errors import StoreError
 from activities.store.store import RunStore
+from workflows.constants import SIGNAL_UPSTREAM_FINISHED, job_workflow_id
 from workflows.models import (
     AllocateRunInput,
     AllocateRunResult,
+    NotifyDependentsInput,
     RecordRunInput,
     RecordRunResult,
+    RerunPlan,
+    RerunPlanInput,
     UpsertJobInput,
     UpsertJobResult,
+    UpstreamFinished,
 )
 
 T = TypeVar("T")
@@ -57,6 +63,53 @@ class StoreActivities:
     @activity.defn(name="store_record_run")
     async def record_run(self, request: RecordRunInput) -> RecordRunResult:
         return await _in_thread(lambda: self._store.record_run(request))
+
+    @activity.defn(name="store_rerun_plan")
+    async def rerun_plan(self, request: RerunPlanInput) -> RerunPlan:
+        return await _in_thread(
+            lambda: self._store.rerun_plan(request.account_id, request.job_id, request.run_id)
+        )
+
+    @activity.defn(name="notify_dependents")
+    async def notify_dependents(self, request: NotifyDependentsInput) -> int:
+        """Signal every job of the account that runs on this job's completion (rule 7).
+
+        Returns how many were signalled. A dependent whose workflow is gone (a deleted job)
+        is skipped; any other failure fails the call, and a retry signals again, which the
+        dependents deduplicate (``upstream:{job}:{run}``).
+        """
+        dependents = await _in_thread(
+            lambda: self._store.dependent_jobs(request.account_id, request.job_id)
+        )
+        client = activity.client()
+        payload = UpstreamFinished(
+            job_id=request.job_id, run_id=request.run_id, status=request.status
+        )
+        sent = 0
+        for key in dependents:
+            workflow_id = job_workflow_id(request.account_id, key)
+            if workflow_id == request.source_workflow_id:
+                continue
+            try:
+                await client.get_workflow_handle(workflow_id).signal(
+                    SIGNAL_UPSTREAM_FINISHED, payload
+                )
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                continue
+            sent += 1
+        return sent
+
+    def all(self) -> list[Callable[..., Any]]:
+        """Every store activity: the workflow worker runs them as local activities."""
+        return [
+            self.upsert_job,
+            self.allocate_run,
+            self.record_run,
+            self.rerun_plan,
+            self.notify_dependents,
+        ]
 
 
 async def _in_thread(work: Callable[[], T]) -> T:

@@ -34,3 +34,10 @@ class InvalidRecordError(StoreError, ValueError):
     job): the same call fails the same way, so it is not retried."""
 
     error_type = "StoreInvalidRecord"
+
+
+class RerunRefusedError(StoreError, ValueError):
+    """A rerun from failure names a run that cannot be rerun (unknown, another job's, or not
+    failed): the message says which, and the trigger is refused."""
+
+    error_type = "StoreRerunRefused"

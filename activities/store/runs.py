@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session
 
 from activities.store.errors import InvalidRecordError, UnknownJobError, UnknownRunError
 from activities.store.schema import JobRow, RunRow, RunStepRow
-from workflows.models import RecordRunInput, RecordRunResult, RunStatus, TriggerRequest
+from workflows.models import (
+    RecordRunInput,
+    RecordRunResult,
+    RunResult,
+    RunStatus,
+    TriggerRequest,
+)
 
 _KNOWN_STATUSES = frozenset(int(status) for status in RunStatus)
 
@@ -153,10 +159,10 @@ def _apply(row: RunRow, snapshot: RecordRunInput, now: datetime) -> None:
         "started_at": run.started_at,
         "finished_at": run.finished_at,
         "schema_name": run.schema_name,
-        "git_sha": snapshot.git_sha or (overrides.git_sha if overrides else None),
+        "git_sha": snapshot.git_sha or run.git_sha or (overrides.git_sha if overrides else None),
         "git_branch": snapshot.git_branch or (overrides.git_branch if overrides else None),
-        "dbt_version": snapshot.dbt_version,
-        "artifacts": snapshot.artifacts,
+        "dbt_version": snapshot.dbt_version or run.dbt_version,
+        "artifacts": snapshot.artifacts or _artifact_names(run) or None,
     }
     for name, value in known.items():
         if value is not None:
@@ -183,7 +189,12 @@ def _write_steps(session: Session, run_id: int, snapshot: RecordRunInput) -> Non
         row.finished_at = step.finished_at or row.finished_at
         row.exit_code = step.exit_code if step.exit_code is not None else row.exit_code
         row.message = step.message
-        row.log_key = snapshot.log_keys.get(step.index, row.log_key)
+        row.log_key = step.log_key or snapshot.log_keys.get(step.index, row.log_key)
+
+
+def _artifact_names(run: RunResult) -> list[str]:
+    """The run's artifact names, from its steps (the API lists one set per run)."""
+    return sorted({name for step in run.steps for name in step.artifacts})
 
 
 def _check_aware(snapshot: RecordRunInput) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from activities.store import jobs, migrate, queries, runs, tokens
 from activities.store.engine import WRITE, create_store_engine
+from activities.store.errors import RerunRefusedError
 from activities.store.records import (
     Page,
     Quarantined,
@@ -35,6 +36,7 @@ from workflows.models import (
     JobDefinition,
     RecordRunInput,
     RecordRunResult,
+    RerunPlan,
     RunStatus,
     TriggerRequest,
 )
@@ -176,6 +178,23 @@ class RunStore:
             ]
         return Page(items=items, total_count=total, quarantined=quarantined)
 
+    def dependent_jobs(self, account_id: str, job_key: str) -> list[str]:
+        """Keys of the account's jobs that run when ``job_key``'s runs end (rule 7).
+
+        Read from the stored definitions, which the job workflows write when saved: unlike
+        Temporal's visibility, a job saved a moment ago is found at once.
+        """
+        query = sa.select(JobRow).where(JobRow.account_id == account_id, JobRow.state == 1)
+        found: list[str] = []
+        with self._read() as s:
+            for row in s.scalars(query.order_by(JobRow.id)):
+                job = read_or_quarantine("jobs", row.id, _bind(job_record, row), [])
+                if job is not None and any(
+                    t.job_id == job_key for t in job.definition.triggers.on_job_completion
+                ):
+                    found.append(job.key)
+        return found
+
     # ------------------------------------------------------------------ runs
 
     def allocate_run(
@@ -297,6 +316,35 @@ class RunStore:
                 )
             ]
         return Page(items=items, total_count=total, quarantined=quarantined)
+
+    def rerun_plan(self, account_id: str, job_key: str, run_key: str) -> RerunPlan:
+        """What a rerun from failure of ``run_key`` needs: its failed step and commit.
+
+        Raises:
+            RerunRefusedError: No such run of this job, or the run did not fail.
+        """
+        run = self.get_run_by_key(account_id, run_key)
+        if run is None or run.job_key != job_key:
+            raise RerunRefusedError(f"run {run_key} is not a run of job {job_key}")
+        if run.status != RunStatus.ERROR:
+            raise RerunRefusedError(
+                f"run {run_key} ended {run.status.humanized}: only a failed (Error) run can be "
+                "rerun from failure; trigger a new run instead"
+            )
+        failed = next((step for step in run.steps if step.status == RunStatus.ERROR), None)
+        overrides = run.trigger.overrides if run.trigger is not None else None
+        return RerunPlan(
+            run_id=run_key,
+            failed_step=failed.index if failed is not None else None,
+            failed_argv=list(failed.argv) if failed is not None else None,
+            steps_override=(
+                [list(argv) for argv in overrides.steps_override]
+                if overrides is not None and overrides.steps_override
+                else None
+            ),
+            # The commit prep resolved, else the one the run was pinned to.
+            git_sha=run.git_sha or (overrides.git_sha if overrides is not None else None),
+        )
 
     # ------------------------------------------------------------------ tokens
 
