@@ -29,6 +29,7 @@ from starter.demo import DEMO_ACCOUNT, seed_demo
 from starter.devserver import DevServerError, DevSettings, DevStack
 from worker import main as worker_main
 from worker.logging import LogLevel, configure_logging
+from worker.settings import STORE_FILE
 from workflows.models import (
     AccountSettings,
     FinishedRun,
@@ -195,6 +196,10 @@ def _print_stack(settings: DevSettings, stack: DevStack) -> None:
         table.add_row("Temporal Web UI", f"[bold]{settings.ui_url}[/]")
     table.add_row("Temporal gRPC", f"{settings.address}  (namespace default)")
     table.add_row("Data", f"{escape(str(stack.data_dir))}  (server log: {stack.server_log.name})")
+    table.add_row(
+        "Run store", f"{escape(str(stack.data_dir / STORE_FILE))}  (runs, steps, timings)"
+    )
+    table.add_row("Logs and artifacts", escape(str(stack.data_dir / "artifacts")))
     table.add_row(
         "Workers", ", ".join(f"{pool.value} (pid {p.pid})" for pool, p in stack.workers.items())
     )
