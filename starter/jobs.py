@@ -20,6 +20,7 @@ from workflows.models import (
     AccountSettings,
     CancelRequest,
     JobDefinition,
+    JobDelete,
     JobDescription,
     JobUpdate,
     JobWorkflowInput,
@@ -88,6 +89,18 @@ async def _update(call: Callable[[], Awaitable[T]]) -> T:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+async def delete_job(
+    client: Client, account_id: str, job_id: str, reason: str | None = None
+) -> JobDescription:
+    """dbt Cloud's soft delete: no new runs, its runs cancelled, ``state`` 2 in the store."""
+    handle = job_handle(client, account_id, job_id)
+    request = JobDelete() if reason is None else JobDelete(reason=reason)
+    description: JobDescription = await _update(
+        lambda: handle.execute_update(c.UPDATE_DELETE, request, result_type=JobDescription)
+    )
+    return description
 
 
 async def trigger(

@@ -52,6 +52,21 @@ REVISION_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
         "tokens": ("id", "account_id", "name", "token_hash", "created_at", "last_used_at"),
     },
 }  # fmt: skip
+REVISION_COLUMNS["0002"] = {
+    **REVISION_COLUMNS["0001"],
+    "environments": (
+        "id", "account_id", "project_id", "name", "definition", "state", "created_at",
+        "updated_at",
+    ),
+    "webhooks": (
+        "id", "account_id", "name", "url", "event_types", "job_ids", "active", "created_at",
+        "updated_at",
+    ),
+    "webhook_deliveries": (
+        "id", "webhook_id", "account_id", "event_id", "event_type", "run_id", "attempts",
+        "status_code", "error", "succeeded", "created_at", "updated_at",
+    ),
+}  # fmt: skip
 """The columns each release reads, frozen per migration revision.
 
 When a revision is added, freeze a copy of its columns here (never edit an older entry):

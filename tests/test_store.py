@@ -49,6 +49,7 @@ from workflows.models import (
     AccountSettings,
     AllocateRunInput,
     CompletionTrigger,
+    Environment,
     JobTriggers,
     RecordRunInput,
     RunStatus,
@@ -58,7 +59,10 @@ from workflows.models import (
     UpsertJobInput,
 )
 
-TABLES = {"accounts", "jobs", "runs", "run_steps", "tokens"}
+TABLES = {
+    "accounts", "jobs", "runs", "run_steps", "tokens", "environments", "webhooks",
+    "webhook_deliveries",
+}  # fmt: skip
 Q, S, R = RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING
 OK, ERR, CANCEL = RunStatus.SUCCESS, RunStatus.ERROR, RunStatus.CANCELLED
 
@@ -201,6 +205,12 @@ def test_an_earlier_release_can_read_and_insert_into_the_migrated_schema(
     run_id = store.allocate_run("acme", "daily", "req-1")
     store.record_run(snapshot(str(run_id), R, seq=1, steps=1))
     store.create_token("acme", "ci")
+    store.put_environment("acme", "prod", Environment(project_dir="sample/jaffle"))
+    hook = store.create_webhook("acme", name="ops", url="https://x", event_types=["a"])
+    store.record_delivery_attempt(
+        webhook_id=hook, account_id="acme", event_id="e", event_type="a", run_id=run_id,
+        status_code=500, succeeded=False,
+    )  # fmt: skip
     columns = REVISION_COLUMNS[revision]
     with store.engine.connect() as conn:
         for table, names in columns.items():
@@ -496,6 +506,48 @@ def test_dependent_jobs_are_found_from_the_saved_definitions(store: RunStore) ->
     deleted = store.get_job_by_key("acme", "after")
     assert deleted is not None and store.set_job_state("acme", deleted.id, 2)
     assert store.dependent_jobs("acme", "daily") == [], "deleted jobs are not triggered"
+
+
+def test_environments_keep_their_id_when_replaced_and_stay_in_their_account(
+    store: RunStore,
+) -> None:
+    first = store.put_environment("acme", "prod", Environment(project_dir="a"), project_id=3)
+    again = store.put_environment("acme", "prod", Environment(project_dir="b"), project_id=3)
+    assert first == again
+    env = store.get_environment("acme", first)
+    assert env is not None and env.definition.project_dir == "b" and env.project_id == 3
+    store.upsert_account(AccountSettings(account_id="globex"))
+    assert store.get_environment("globex", first) is None
+    assert [e.name for e in store.list_environments("acme", project_id=3)] == ["prod"]
+    assert store.list_environments("acme", project_id=4) == []
+
+
+def test_webhooks_match_events_and_jobs_and_log_each_delivery_once(store: RunStore) -> None:
+    every = store.create_webhook(
+        "acme", name="all", url="https://a", event_types=["job.run.completed"]
+    )
+    one = store.create_webhook(
+        "acme", name="one", url="https://b", event_types=["job.run.errored"], job_ids=[7]
+    )
+    assert [h.id for h in store.webhooks_for("acme", "job.run.completed", 1)] == [every]
+    assert [h.id for h in store.webhooks_for("acme", "job.run.errored", 7)] == [one]
+    assert store.webhooks_for("acme", "job.run.errored", 8) == []
+    assert store.set_webhook_active("acme", every, False)
+    assert store.webhooks_for("acme", "job.run.completed", 1) == []
+
+    def attempt(status_code: int | None, succeeded: bool, error: str = "") -> int:
+        return store.record_delivery_attempt(
+            webhook_id=one, account_id="acme", event_id="errored:5",
+            event_type="job.run.errored", run_id=5, status_code=status_code, error=error,
+            succeeded=succeeded,
+        )  # fmt: skip
+
+    attempt(503, False, "busy")
+    assert attempt(200, True) == 2
+    # A late failure of a duplicate attempt does not unmark a delivered event.
+    attempt(None, False, "timeout")
+    [logged] = store.list_deliveries("acme")
+    assert (logged.attempts, logged.status_code, logged.succeeded) == (3, 200, True)
 
 
 # --------------------------------------------------------------------------- listing

@@ -145,3 +145,29 @@ async def test_an_unreachable_store_refuses_triggers_clearly_and_loses_nothing_o
         assert (await wait_run(client, acct, res.run_id)).status == RunStatus.SUCCESS
     assert _status(store, acct, res.run_id) == RunStatus.SUCCESS
     store.close()
+
+
+async def test_deleting_a_job_cancels_its_runs_marks_it_deleted_and_ends_its_workflow(
+    dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore
+) -> None:
+    client, acct = dev_env.client, unique("delete")
+    async with running_stack(client, fake_dbt, store=run_store) as queues:
+        await jobs.save_job(client, job(acct, "j", ["dbt run -s gate:g"]), account(acct), queues)
+        running = await jobs.trigger(client, acct, "j", TriggerRequest())
+        await wait_for(lambda: fake_dbt.running == {running.run_id})
+        queued = await jobs.trigger(client, acct, "j", TriggerRequest())
+        desc = await jobs.delete_job(client, acct, "j")
+        assert desc.state.deleted and desc.state.queue == []
+        stored = run_store.get_job_by_key(acct, "j")
+        assert stored is not None and stored.state == 2
+        # The running run is cancelled (its step killed); then the job's workflow ends.
+        assert (await wait_run(client, acct, running.run_id)).status == RunStatus.CANCELLED
+        await jobs.job_handle(client, acct, "j").result()
+        await wait_for(lambda: _status(run_store, acct, queued.run_id) == RunStatus.CANCELLED)
+        assert running.run_id in fake_dbt.cancelled_steps
+        # Saving the job again brings it back, active.
+        await jobs.save_job(client, job(acct, "j"), account(acct), queues)
+        stored = run_store.get_job_by_key(acct, "j")
+        assert stored is not None and stored.state == 1
+        again = await jobs.trigger(client, acct, "j", TriggerRequest())
+        assert (await wait_run(client, acct, again.run_id)).status == RunStatus.SUCCESS

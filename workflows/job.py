@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         FinishedRun,
         HolderLiveness,
         InFlightRun,
+        JobDelete,
         JobDescription,
         JobState,
         JobUpdate,
@@ -87,6 +88,7 @@ class JobWorkflow:
         # store shows (definition, account, deactivation); saves are serialized by the lock.
         self._version = 0
         self._saved_version = 0 if self.st.store_id is not None else -1
+        self._api_fields: dict[str, Any] | None = None  # to save with the next job write
         self._store_retry_at: datetime | None = None
 
     @workflow.run
@@ -108,6 +110,10 @@ class JobWorkflow:
             await self._start_ready()
             await self._flush_side_effects()
             await self._check_orphans()
+            if self.st.deleted and not self.st.in_flight and not self.st.pending_records:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if not self.st.in_flight and not self._dirty:
+                    return  # deleted, and every run has ended: the job's workflow is done
             if workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if not self._dirty and not self._cancels:
@@ -246,7 +252,13 @@ class JobWorkflow:
         try:
             saved = await self._store_call(
                 "store_upsert_job",
-                UpsertJobInput(job=self.job, account=self.account, deactivated=self.st.deactivated),
+                UpsertJobInput(
+                    job=self.job,
+                    account=self.account,
+                    deactivated=self.st.deactivated,
+                    extra=self._api_fields,
+                    state=2 if self.st.deleted else 1,
+                ),
                 UpsertJobResult,
                 "save the job",
             )
@@ -258,6 +270,7 @@ class JobWorkflow:
             return
         self.st.store_id = saved.id
         self._saved_version = version
+        self._api_fields = None
 
     @workflow.signal(name=c.SIGNAL_UPSTREAM_FINISHED)
     async def upstream_finished(self, raw: Any) -> None:
@@ -289,6 +302,9 @@ class JobWorkflow:
         """
         upstream_before = self._upstream()
         self.job = upd.job
+        self.st.deleted = False  # saving a deleted job's key again brings it back
+        if upd.api_fields is not None:
+            self._api_fields = upd.api_fields
         if upd.account is not None:
             self.account = upd.account
         was_deactivated = self.st.deactivated
@@ -299,6 +315,21 @@ class JobWorkflow:
             workflow.upsert_search_attributes([c.SA_UPSTREAM.value_set(self._upstream())])
         self._dirty = True
         self._version += 1
+        async with self._accepting:
+            await self._save_job_if_needed()
+        return self.describe()
+
+    @workflow.update(name=c.UPDATE_DELETE)
+    async def delete(self, req: JobDelete) -> JobDescription:
+        """dbt Cloud's soft delete: no new runs, queued and running ones are cancelled, the
+        store shows the job with ``state`` 2, and the workflow ends once its runs have."""
+        self.st.deleted = True
+        self._apply_cancellations(
+            [policy.Cancellation(q.run_id, req.reason, running=False) for q in self.st.queue]
+            + [policy.Cancellation(r.run_id, req.reason, running=True) for r in self.st.in_flight]
+        )
+        self._version += 1
+        self._dirty = True
         async with self._accepting:
             await self._save_job_if_needed()
         return self.describe()
@@ -384,7 +415,7 @@ class JobWorkflow:
 
     def _next_cron(self) -> datetime | None:
         schedule = self.job.triggers.schedule
-        if schedule is None or self.job.job_type == "ci":
+        if schedule is None or self.job.job_type == "ci" or self.st.deleted:
             return None
         base = self.st.last_cron_fire or workflow.now()
         return policy.next_cron_fire(schedule.cron, schedule.timezone, base)

@@ -326,6 +326,10 @@ class TriggerOverrides(StrictModel):
     git_sha: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{7,40}$")
     git_branch: str | None = Field(default=None, max_length=255)
     env_vars: EnvVars = Field(default_factory=dict)
+    generate_docs_override: bool | None = None
+    """Run ``dbt docs generate`` after the steps (True) or not (False), whatever the job says."""
+    dbt_version_override: str | None = Field(default=None, pattern=r"^[0-9A-Za-z.+_-]{1,32}$")
+    """The dbt version this run needs (prep refuses it clearly if the worker lacks it)."""
 
 
 class TriggerRequest(StrictModel):
@@ -499,6 +503,8 @@ class JobState(WireModel):
     rejected: list[Rejected] = Field(default_factory=list)
     pending_notifications: list[UpstreamFinished] = Field(default_factory=list)
     pending_schema_drops: list[str] = Field(default_factory=list)
+    deleted: bool = False
+    """Deleted (dbt Cloud's soft delete): no new runs; the workflow ends once its runs have."""
     pending_records: list[FinishedRun] = Field(default_factory=list)
     """Runs the job ended itself (cancelled while queued, failed to start, terminated), not
     yet written to the run store: written by the main loop, kept until the store takes them."""
@@ -517,6 +523,15 @@ class JobUpdate(StrictModel):
 
     job: JobDefinition
     account: AccountSettings | None = None
+    api_fields: dict[str, Any] | None = None
+    """dbt Cloud job fields Runslot does not model (``description``, ``project_id``, ...),
+    kept in the run store for the API to echo; None keeps the stored ones."""
+
+
+class JobDelete(StrictModel):
+    """Delete a job (update ``delete``): dbt Cloud's soft delete."""
+
+    reason: str = Field(default="Cancelled because the job was deleted.", max_length=500)
 
 
 class JobDescription(WireModel):
@@ -698,6 +713,10 @@ class UpsertJobInput(WireModel):
     """The job's store id when the caller knows it (an API update); None: look up by key."""
     deactivated: bool = False
     """Saving a job reactivates it; the job workflow saves True when it deactivates the job."""
+    extra: dict[str, Any] | None = None
+    """dbt Cloud job fields Runslot does not model, echoed by the API; None keeps the stored."""
+    state: int | None = Field(default=None, ge=1, le=2)
+    """1 active, 2 deleted; None keeps the stored state."""
 
 
 class UpsertJobResult(WireModel):

@@ -139,6 +139,8 @@ def check_trigger(job: JobDefinition, state: JobState, trigger: TriggerRequest) 
     """Raise ``TriggerRejectedError`` if this trigger must not enqueue a run. Read-only."""
     if existing_run_for(state, trigger) is not None:
         return  # a repeat: answered with the first run's id, never rejected
+    if state.deleted:
+        raise TriggerRejectedError(f"job {job.job_id} was deleted; it takes no new runs")
     if trigger.rerun_of is not None and trigger.overrides.steps_override is not None:
         raise TriggerRejectedError(
             "a rerun from failure takes its steps from the failed run; "
@@ -183,7 +185,10 @@ def planned_steps(job: JobDefinition, overrides: TriggerOverrides) -> list[list[
     """The steps a run executes: the override or the job's, then ``docs generate`` when the
     job generates docs (unless the steps already end with it)."""
     steps = [list(s) for s in (overrides.steps_override or job.execute_steps)]
-    if job.generate_docs and (not steps or steps[-1][:3] != DOCS_STEP):
+    docs = job.generate_docs
+    if overrides.generate_docs_override is not None:
+        docs = overrides.generate_docs_override
+    if docs and (not steps or steps[-1][:3] != DOCS_STEP):
         steps.append(list(DOCS_STEP))
     return steps
 

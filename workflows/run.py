@@ -215,7 +215,11 @@ class RunWorkflow:
                     account_id=inp.account.account_id,
                     job_id=job.job_id,
                     run_id=inp.run_id,
-                    environment=job.environment,
+                    environment=job.environment
+                    if overrides.dbt_version_override is None
+                    else job.environment.model_copy(
+                        update={"dbt_version": overrides.dbt_version_override}
+                    ),
                     target_name=overrides.target_name_override
                     or job.settings.target_name
                     or job.environment.target_name,

@@ -18,9 +18,12 @@ from activities.store.records import (
     Page,
     Quarantined,
     StoredAccount,
+    StoredDelivery,
+    StoredEnvironment,
     StoredJob,
     StoredRun,
     StoredStep,
+    StoredWebhook,
 )
 from activities.store.store import RunStore
 
@@ -33,9 +36,12 @@ __all__ = [
     "StoreActivities",
     "StoreError",
     "StoredAccount",
+    "StoredDelivery",
+    "StoredEnvironment",
     "StoredJob",
     "StoredRun",
     "StoredStep",
+    "StoredWebhook",
     "UnknownAccountError",
     "UnknownJobError",
     "UnknownRunError",

@@ -44,7 +44,11 @@ class StoreActivities:
             if request.account is not None:
                 self._store.upsert_account(request.account)
             job_id = self._store.upsert_job(
-                request.job, request.id, deactivated=request.deactivated
+                request.job,
+                request.id,
+                deactivated=request.deactivated,
+                extra=request.extra,
+                state=request.state,
             )
             return UpsertJobResult(id=job_id, job_id=request.job.job_id)
 

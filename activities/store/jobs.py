@@ -41,8 +41,11 @@ def put_job(
     deactivated: bool,
     extra: Mapping[str, Any] | None,
     now: datetime,
+    state: int | None = None,
 ) -> int:
-    """Upsert by store id (when given) or by (account, key); returns the store id."""
+    """Upsert by store id (when given) or by (account, key); returns the store id.
+
+    ``state``: 1 active, 2 deleted (dbt Cloud's soft delete); None keeps the stored one."""
     account_id, key = definition.account_id, definition.job_id
     # A job saved before its account gets the default limits; saving the account later
     # replaces them.
@@ -67,6 +70,8 @@ def put_job(
             row = JobRow(account_id=account_id, key=key, created_at=now)
             session.add(row)
     _fill(row, definition, deactivated=deactivated, extra=extra, now=now)
+    if state is not None:
+        row.state = state
     session.flush()
     return row.id
 

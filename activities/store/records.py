@@ -19,9 +19,18 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from activities.store.engine import Unreadable
-from activities.store.schema import AccountRow, JobRow, RunRow, RunStepRow
+from activities.store.schema import (
+    AccountRow,
+    EnvironmentRow,
+    JobRow,
+    RunRow,
+    RunStepRow,
+    WebhookDeliveryRow,
+    WebhookRow,
+)
 from workflows.models import (
     AccountSettings,
+    Environment,
     JobDefinition,
     JobType,
     RunStatus,
@@ -59,6 +68,44 @@ class StoredJob(Record):
     extra: dict[str, Any] = Field(default_factory=dict)
     deactivated: bool
     state: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class StoredEnvironment(Record):
+    id: int
+    account_id: str
+    project_id: int
+    name: str
+    definition: Environment
+    state: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class StoredWebhook(Record):
+    id: int
+    account_id: str
+    name: str
+    url: str
+    event_types: list[str]
+    job_ids: list[int]
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class StoredDelivery(Record):
+    id: int
+    webhook_id: int
+    account_id: str
+    event_id: str
+    event_type: str
+    run_id: int | None
+    attempts: int
+    status_code: int | None
+    error: str
+    succeeded: bool
     created_at: datetime
     updated_at: datetime
 
@@ -156,6 +203,21 @@ def job_record(row: JobRow) -> StoredJob:
     data = _columns(row)
     data["extra"] = data["extra"] or {}
     result: StoredJob = _validate(StoredJob, data)
+    return result
+
+
+def environment_record(row: EnvironmentRow) -> StoredEnvironment:
+    result: StoredEnvironment = _validate(StoredEnvironment, _columns(row))
+    return result
+
+
+def webhook_record(row: WebhookRow) -> StoredWebhook:
+    result: StoredWebhook = _validate(StoredWebhook, _columns(row))
+    return result
+
+
+def delivery_record(row: WebhookDeliveryRow) -> StoredDelivery:
+    result: StoredDelivery = _validate(StoredDelivery, _columns(row))
     return result
 
 

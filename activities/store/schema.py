@@ -169,3 +169,61 @@ class TokenRow(Base):
     """sha256 hex of the token: the plaintext is shown once and never stored."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class EnvironmentRow(Base):
+    """A dbt Cloud environment: what a job's ``environment_id`` names (project, target)."""
+
+    __tablename__ = "environments"
+    __table_args__ = (sa.UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(sa.ForeignKey("accounts.id"))
+    project_id: Mapped[int] = mapped_column(sa.Integer)
+    name: Mapped[str] = mapped_column(sa.String(255))
+    definition: Mapped[Any] = mapped_column(json_type())
+    """``workflows.models.Environment``: secrets appear as references, never values."""
+    state: Mapped[int] = mapped_column(sa.SmallInteger, server_default=sa.text("1"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WebhookRow(Base):
+    """An outgoing webhook subscription. Its signing secret is derived from the server's
+    key (never stored), so the store holds nothing secret."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(sa.ForeignKey("accounts.id"))
+    name: Mapped[str] = mapped_column(sa.String(255))
+    url: Mapped[str] = mapped_column(sa.Text)
+    event_types: Mapped[Any] = mapped_column(json_type())
+    job_ids: Mapped[Any] = mapped_column(json_type())
+    """Store ids of the jobs it is for; empty: every job of the account."""
+    active: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WebhookDeliveryRow(Base):
+    """The delivery log: one row per (webhook, event), updated by every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("webhook_id", "event_id"),
+        sa.Index(None, "account_id", "run_id"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[int] = mapped_column(sa.ForeignKey("webhooks.id", ondelete="CASCADE"))
+    account_id: Mapped[str] = mapped_column(sa.String(64))
+    event_id: Mapped[str] = mapped_column(sa.String(128))
+    event_type: Mapped[str] = mapped_column(sa.String(64))
+    run_id: Mapped[int | None] = mapped_column(sa.Integer)
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    error: Mapped[str] = mapped_column(sa.Text, server_default="")
+    succeeded: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

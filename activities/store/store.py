@@ -16,23 +16,37 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from activities.store import jobs, migrate, queries, runs, tokens
+from activities.store import hooks, jobs, migrate, queries, runs, tokens
 from activities.store.engine import WRITE, create_store_engine
 from activities.store.errors import RerunRefusedError
 from activities.store.records import (
     Page,
     Quarantined,
     StoredAccount,
+    StoredDelivery,
+    StoredEnvironment,
     StoredJob,
     StoredRun,
+    StoredWebhook,
     account_record,
+    delivery_record,
+    environment_record,
     job_record,
     read_or_quarantine,
     run_record,
+    webhook_record,
 )
-from activities.store.schema import AccountRow, JobRow, RunRow
+from activities.store.schema import (
+    AccountRow,
+    EnvironmentRow,
+    JobRow,
+    RunRow,
+    WebhookDeliveryRow,
+    WebhookRow,
+)
 from workflows.models import (
     AccountSettings,
+    Environment,
     JobDefinition,
     RecordRunInput,
     RecordRunResult,
@@ -91,6 +105,7 @@ class RunStore:
         *,
         deactivated: bool = False,
         extra: Mapping[str, Any] | None = None,
+        state: int | None = None,
     ) -> int:
         """Save a job, keyed by (account, ``definition.job_id``).
 
@@ -102,6 +117,7 @@ class RunStore:
             deactivated: Stored as given; False by default, so saving reactivates a job.
             extra: dbt Cloud job fields Runslot does not model (``description``, ...), echoed
                 back by the API. None keeps the stored ones.
+            state: 1 active, 2 deleted; None keeps the stored state (1 for a new job).
 
         Returns:
             The job's store id: allocated when the job is new, the same one ever after.
@@ -119,6 +135,7 @@ class RunStore:
                 deactivated=deactivated,
                 extra=extra,
                 now=self._clock(),
+                state=state,
             )
         )
 
@@ -376,6 +393,151 @@ class RunStore:
             with self._write() as s:
                 tokens.touch(s, token_id, now=now)
         return account_id
+
+    # ------------------------------------------------------------------ environments
+
+    def put_environment(
+        self, account_id: str, name: str, environment: Environment, *, project_id: int = 1
+    ) -> int:
+        """Create or replace the account's environment ``name`` (what a job's
+        ``environment_id`` names in the API); returns its id, stable across replacements.
+
+        Raises:
+            UnknownAccountError: The account is not in the store.
+        """
+        return self._write_retrying(
+            lambda s: hooks.put_environment(
+                s, account_id, name, environment, project_id=project_id, now=self._clock()
+            )
+        )
+
+    def get_environment(self, account_id: str, environment_id: int) -> StoredEnvironment | None:
+        with self._read() as s:
+            row = s.get(EnvironmentRow, environment_id)
+            if row is None or row.account_id != account_id:
+                return None
+            return read_or_quarantine("environments", row.id, _bind(environment_record, row), [])
+
+    def list_environments(
+        self, account_id: str, *, project_id: int | None = None
+    ) -> list[StoredEnvironment]:
+        query = sa.select(EnvironmentRow).where(
+            EnvironmentRow.account_id == account_id, EnvironmentRow.state == 1
+        )
+        if project_id is not None:
+            query = query.where(EnvironmentRow.project_id == project_id)
+        with self._read() as s:
+            return [
+                env
+                for row in s.scalars(query.order_by(EnvironmentRow.id))
+                if (
+                    env := read_or_quarantine(
+                        "environments", row.id, _bind(environment_record, row), []
+                    )
+                )
+            ]
+
+    # ------------------------------------------------------------------ webhooks out
+
+    def create_webhook(
+        self,
+        account_id: str,
+        *,
+        name: str,
+        url: str,
+        event_types: Collection[str],
+        job_ids: Collection[int] = (),
+    ) -> int:
+        """Subscribe ``url`` to the account's run events; returns the subscription id.
+
+        Raises:
+            UnknownAccountError: The account is not in the store.
+        """
+        with self._write() as s:
+            return hooks.add_webhook(
+                s,
+                account_id,
+                name=name,
+                url=url,
+                event_types=list(event_types),
+                job_ids=list(job_ids),
+                now=self._clock(),
+            )
+
+    def set_webhook_active(self, account_id: str, webhook_id: int, active: bool) -> bool:
+        """Pause or resume a subscription. False: no such webhook in this account."""
+        with self._write() as s:
+            row = s.get(WebhookRow, webhook_id)
+            if row is None or row.account_id != account_id:
+                return False
+            row.active, row.updated_at = active, self._clock()
+            return True
+
+    def list_webhooks(self, account_id: str) -> list[StoredWebhook]:
+        query = sa.select(WebhookRow).where(WebhookRow.account_id == account_id)
+        with self._read() as s:
+            return [
+                hook
+                for row in s.scalars(query.order_by(WebhookRow.id))
+                if (hook := read_or_quarantine("webhooks", row.id, _bind(webhook_record, row), []))
+            ]
+
+    def webhooks_for(self, account_id: str, event_type: str, job_id: int) -> list[StoredWebhook]:
+        """Active subscriptions of the account that want this event of this job."""
+        return [
+            hook
+            for hook in self.list_webhooks(account_id)
+            if hook.active
+            and event_type in hook.event_types
+            and (not hook.job_ids or job_id in hook.job_ids)
+        ]
+
+    def record_delivery_attempt(
+        self,
+        *,
+        webhook_id: int,
+        account_id: str,
+        event_id: str,
+        event_type: str,
+        run_id: int | None,
+        status_code: int | None,
+        error: str = "",
+        succeeded: bool,
+    ) -> int:
+        """Log one attempt to deliver ``event_id`` to a webhook; returns the attempts so far."""
+        return self._write_retrying(
+            lambda s: hooks.record_attempt(
+                s,
+                webhook_id=webhook_id,
+                account_id=account_id,
+                event_id=event_id,
+                event_type=event_type,
+                run_id=run_id,
+                status_code=status_code,
+                error=error,
+                succeeded=succeeded,
+                now=self._clock(),
+            )
+        )
+
+    def list_deliveries(
+        self, account_id: str, *, webhook_id: int | None = None, limit: int = 100
+    ) -> list[StoredDelivery]:
+        """The delivery log, newest first."""
+        query = sa.select(WebhookDeliveryRow).where(WebhookDeliveryRow.account_id == account_id)
+        if webhook_id is not None:
+            query = query.where(WebhookDeliveryRow.webhook_id == webhook_id)
+        query = query.order_by(WebhookDeliveryRow.id.desc()).limit(limit)
+        with self._read() as s:
+            return [
+                d
+                for row in s.scalars(query)
+                if (
+                    d := read_or_quarantine(
+                        "webhook_deliveries", row.id, _bind(delivery_record, row), []
+                    )
+                )
+            ]
 
     # ------------------------------------------------------------------ internals
 

@@ -1,0 +1,1 @@
+"""The dbt Cloud-compatible REST API (`runslot api`)."""
