@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
@@ -43,8 +43,13 @@ async def save_job(
     job: JobDefinition,
     account: AccountSettings,
     queues: TaskQueues | None = None,
+    api_fields: dict[str, Any] | None = None,
 ) -> JobDescription:
-    """Create the job's workflow, or reconfigure it (which also reactivates it)."""
+    """Create the job's workflow, or reconfigure it (which also reactivates it).
+
+    ``api_fields``: the dbt Cloud job fields Runslot does not model, saved in the run store
+    for the API to echo (None keeps the stored ones).
+    """
     queues = queues or TaskQueues()
     inp = JobWorkflowInput(job=job, account=account, queues=queues)
     start = WithStartWorkflowOperation(
@@ -60,7 +65,7 @@ async def save_job(
     # for a coroutine result.
     description: JobDescription = await client.execute_update_with_start_workflow(
         c.UPDATE_CONFIGURE,
-        JobUpdate(job=job, account=account),
+        JobUpdate(job=job, account=account, api_fields=api_fields),
         start_workflow_operation=start,
         result_type=JobDescription,
     )

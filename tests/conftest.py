@@ -32,6 +32,9 @@ from worker.registry import Pools, build_workers
 from workflows.constants import SEARCH_ATTRIBUTES
 from workflows.models import TaskQueues
 
+pytest_plugins = ["tests.api_fixtures"]
+"""The REST API fixtures (``api_server``: the API on a real stack), for every test module."""
+
 DEV_SERVER_ARGS = [
     "--sqlite-pragma", "journal_mode=wal",
     "--sqlite-pragma", "synchronous=normal",

@@ -16,15 +16,22 @@ from workflows.models import AccountSettings, JobDefinition
 
 
 def put_account(
-    session: Session, settings: AccountSettings, *, overwrite: bool, now: datetime
+    session: Session,
+    settings: AccountSettings,
+    *,
+    overwrite: bool,
+    now: datetime,
+    name: str | None = None,
 ) -> None:
-    """Insert the account, or (``overwrite``) update its limits."""
+    """Insert the account, or (``overwrite``) update its limits; ``name`` when given."""
     row = session.get(AccountRow, settings.account_id)
     if row is None:
         row = AccountRow(id=settings.account_id, name=settings.account_id, created_at=now)
         session.add(row)
     elif not overwrite:
         return
+    if name is not None:
+        row.name = name
     row.run_slots = settings.run_slots
     row.run_memory_limit_mb = settings.run_memory_limit_mb
     row.max_queue_wait_seconds = int(settings.max_queue_wait.total_seconds())

@@ -84,9 +84,11 @@ class RunStore:
 
     # ------------------------------------------------------------------ accounts
 
-    def upsert_account(self, settings: AccountSettings) -> None:
+    def upsert_account(self, settings: AccountSettings, *, name: str | None = None) -> None:
+        """Save an account's limits, and its display name when given (a new account is
+        named after its id until then)."""
         self._write_retrying(
-            lambda s: jobs.put_account(s, settings, overwrite=True, now=self._clock())
+            lambda s: jobs.put_account(s, settings, overwrite=True, now=self._clock(), name=name)
         )
 
     def get_account(self, account_id: str) -> StoredAccount | None:
@@ -315,6 +317,43 @@ class RunStore:
         if status is not None:
             wanted = [status] if isinstance(status, RunStatus) else list(status)
             query = query.where(RunRow.status.in_([int(s) for s in wanted]))
+        quarantined: list[Quarantined] = []
+        with self._read() as s:
+            total = queries.count(s, query)
+            paged = queries.page(
+                query, queries.RUN_ORDER, order_by=order_by, limit=limit, offset=offset
+            )
+            rows = s.execute(paged).all()
+            steps = queries.steps_of(s, [row.id for row, _ in rows]) if include_steps else {}
+            items = [
+                run
+                for row, key in rows
+                if (
+                    run := read_or_quarantine(
+                        "runs", row.id, _bind(run_record, row, key, steps.get(row.id)), quarantined
+                    )
+                )
+            ]
+        return Page(items=items, total_count=total, quarantined=quarantined)
+
+    def list_runs_of_jobs(
+        self,
+        account_id: str,
+        job_ids: Collection[int] | None,
+        *,
+        status: Collection[RunStatus] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        order_by: str = "id",
+        include_steps: bool = False,
+    ) -> Page[StoredRun]:
+        """Like ``list_runs``, for the runs of any of ``job_ids`` (None: every job), as the
+        API's run listing filters them (by project or environment, through their jobs)."""
+        query = queries.runs_with_job_key(account_id)
+        if job_ids is not None:
+            query = query.where(RunRow.job_id.in_(list(job_ids)))
+        if status is not None:
+            query = query.where(RunRow.status.in_([int(s) for s in status]))
         quarantined: list[Quarantined] = []
         with self._read() as s:
             total = queries.count(s, query)

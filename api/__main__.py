@@ -1,0 +1,5 @@
+"""``python -m api``: see ``api.main``."""
+
+from api.main import main
+
+main()
