@@ -2,15 +2,17 @@
 
     .venv/bin/python -m tests.record_histories
 
-Starts a dev server, drives a few scenarios through real workers (fake dbt executor), and
-writes each job, run and slots workflow history to tests/histories/. Re-record when a
-change is *meant* to be incompatible (and then patch or version the workflow instead).
+Starts a dev server, drives a few scenarios through real workers (fake dbt executor, a
+real HTTP webhook receiver), and writes each job, run, slots and webhooks workflow history to
+tests/histories/. Re-record when a change is *meant* to be incompatible (and then patch or
+version the workflow instead).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from pathlib import Path
 
 from temporalio.client import Client
@@ -19,8 +21,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from starter import jobs
 from tests.builders import account, job, wait_for, wait_run
-from tests.conftest import DEV_SERVER_ARGS, find_binary, running_stack
+from tests.conftest import DEV_SERVER_ARGS, find_binary, new_store
 from tests.fakes import FakeDbtExecutor
+from tests.webhook_helpers import Receiver, webhook_stack
 from worker.main import exit_without_finalizing
 from workflows import constants as c
 from workflows.models import (
@@ -49,7 +52,10 @@ async def main() -> None:
         dev_server_extra_args=DEV_SERVER_ARGS,
     )
     client, fake, acct = env.client, FakeDbtExecutor(), "rec"
-    async with running_stack(client, fake) as queues:
+    scratch = tempfile.TemporaryDirectory(prefix="runslot-rec-")
+    store = new_store(Path(scratch.name))
+    receiver = Receiver(scripts={"flaky": [500]})  # the first delivery is retried once
+    async with receiver.running() as url, webhook_stack(client, fake, store) as queues:
         settings = account(acct, run_slots=1)
         # Serial runs, over-scheduling, a failure, a cancel, a completion trigger.
         await jobs.save_job(client, job(acct, "deploy", ["dbt run -s gate:g"]), settings, queues)
@@ -86,9 +92,19 @@ async def main() -> None:
             c.SIGNAL_PR_CLOSED, PullRequestClosed(pr_id=7)
         )
         await wait_for(lambda: fake.dropped_schemas)
-        # Deactivation after consecutive failures, then Run now reactivates.
+        # Deactivation after consecutive failures, then Run now reactivates. Its runs' ends
+        # go to a webhook subscription (completed + errored), the first one retried.
         flaky = job(acct, "flaky", ["dbt run -s fail"], deactivate_after_failures=2)
         await jobs.save_job(client, flaky, settings, queues)
+        stored_flaky = store.get_job_by_key(acct, "flaky")
+        assert stored_flaky is not None
+        store.create_webhook(
+            acct,
+            name="flaky",
+            url=f"{url}/flaky",
+            event_types=[c.EVENT_RUN_COMPLETED, c.EVENT_RUN_ERRORED],
+            job_ids=[stored_flaky.id],
+        )
         for _ in range(2):
             res = await jobs.trigger(client, acct, "flaky", TriggerRequest())
             await wait_run(client, acct, res.run_id)
@@ -110,6 +126,12 @@ async def main() -> None:
         for name, run_id in runs.items():
             await _save(client, c.run_workflow_id(acct, run_id), name)
         await _save(client, c.slots_workflow_id(acct), "slots")
+        # The webhooks workflow ends once idle: its whole life, retry included.
+        await wait_for(lambda: len(receiver.at("flaky")) >= 7, what="six events, one retried")
+        await client.get_workflow_handle(c.webhooks_workflow_id(acct)).result()
+        await _save(client, c.webhooks_workflow_id(acct), "webhooks")
+    store.close()
+    scratch.cleanup()
     await env.shutdown()
 
 

@@ -118,3 +118,8 @@ def test_run_status_codes_and_names_are_dbt_clouds() -> None:
 
 def test_job_deactivation_threshold_defaults_to_100() -> None:
     assert JobDefinition.model_validate(_job()).deactivate_after_failures == 100
+
+
+def test_a_cron_that_never_fires_is_refused() -> None:
+    with pytest.raises(ValidationError, match="never fires"):
+        CronSchedule(cron="0 0 31 2 *")

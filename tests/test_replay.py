@@ -21,7 +21,7 @@ def test_histories_cover_every_workflow_type() -> None:
     for path in HISTORIES:
         first = json.loads(path.read_text())["events"][0]
         types.add(first["workflowExecutionStartedEventAttributes"]["workflowType"]["name"])
-    assert types == {"JobWorkflow", "RunWorkflow", "SlotsWorkflow"}
+    assert types == {"JobWorkflow", "RunWorkflow", "SlotsWorkflow", "WebhooksWorkflow"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

@@ -23,9 +23,12 @@ from pydantic import ValidationError
 from temporalio.client import Client
 
 from activities.local import LocalExecutor, LocalExecutorSettings
+from activities.secrets import SecretError, worker_secrets
+from activities.signing import SigningKeyError, server_key
 from activities.store import RunStore
 from activities.telemetry import build_sink
-from starter.client import connect
+from activities.webhooks import WebhookConfig
+from starter.client import connect_retrying
 from worker.logging import LogLevel, configure_logging
 from worker.registry import Pools, build_workers
 from worker.settings import Pool, TelemetryExporter, WorkerSettings
@@ -48,7 +51,11 @@ def command(  # keyword-only: typer maps each parameter to an option
         str, typer.Option(envvar="RUNSLOT_NAMESPACE", help="Temporal namespace.")
     ] = "default",
     data_dir: Annotated[
-        Path, typer.Option(help="Where workspaces, logs, artifacts and the SQLite store live.")
+        Path,
+        typer.Option(
+            help="Where workspaces, logs, artifacts, the SQLite store and the webhook signing "
+            "key (signing.key, unless the secret RUNSLOT_SIGNING_KEY is set) live."
+        ),
     ] = DATA_DIR,
     store_url: Annotated[
         str | None,
@@ -163,9 +170,15 @@ async def serve(settings: WorkerSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     watchdog = None
     if settings.parent_pid is not None:
-        watchdog = asyncio.create_task(_stop_when_orphaned(settings.parent_pid, stop))
+        watchdog = asyncio.create_task(stop_when_orphaned(settings.parent_pid, stop))
     try:
-        client = await _connect(settings, stop)
+        client = await connect_retrying(
+            settings.temporal_address,
+            settings.namespace,
+            timeout_seconds=settings.connect_timeout_seconds,
+            stop=stop,
+            retry_seconds=CONNECT_RETRY_SECONDS,
+        )
         if client is None:
             return 0 if stop.is_set() else 1
         return await _run_workers(client, settings, stop)
@@ -174,23 +187,6 @@ async def serve(settings: WorkerSettings) -> int:
             watchdog.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-
-
-async def _connect(settings: WorkerSettings, stop: asyncio.Event) -> Client | None:
-    """Connect, retrying while the server starts; None if stopped or timed out."""
-    deadline = asyncio.get_running_loop().time() + settings.connect_timeout_seconds
-    while True:
-        try:
-            return await connect(settings.temporal_address, settings.namespace)
-        except RuntimeError as err:
-            if asyncio.get_running_loop().time() >= deadline:
-                log.error("cannot connect to Temporal at %s: %s", settings.temporal_address, err)
-                return None
-        try:
-            await asyncio.wait_for(stop.wait(), CONNECT_RETRY_SECONDS)
-            return None
-        except TimeoutError:
-            continue
 
 
 async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.Event) -> int:
@@ -206,17 +202,28 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
         otlp_endpoint=settings.otlp_endpoint,
         export_interval_seconds=settings.telemetry_export_interval_seconds,
     )
-    store = None
-    if Pool.WORKFLOWS.value in settings.pool_names:
+    store = webhooks = None
+    # The workflow pool writes the store; the telemetry pool reads webhook subscriptions and
+    # writes their delivery log.
+    if {Pool.WORKFLOWS.value, Pool.TELEMETRY.value} & set(settings.pool_names):
         try:
             store = await _open_store(settings)
         except Exception as err:  # noqa: BLE001 - one clear line, not a traceback
             url = sa.make_url(settings.store_database_url).render_as_string(hide_password=True)
             log.error("cannot open the run store at %s: %s", url, err)
             return 1
+    if Pool.TELEMETRY.value in settings.pool_names:
+        try:
+            key = server_key(settings.data_dir, worker_secrets(settings.secrets_file))
+        except (SigningKeyError, SecretError, OSError) as err:
+            log.error("cannot read the webhook signing key: %s", err)
+            if store is not None:
+                store.close()
+            return 1
+        webhooks = WebhookConfig(signing_key=key)
     workers = build_workers(
         client,
-        Pools(executor=executor, telemetry=telemetry, store=store),
+        Pools(executor=executor, telemetry=telemetry, store=store, webhooks=webhooks),
         which=settings.pool_names,
         max_concurrent_steps=settings.max_concurrent_steps,
         step_activities_per_second=settings.step_activities_per_second,
@@ -259,7 +266,7 @@ async def _open_store(settings: WorkerSettings) -> RunStore:
     return store
 
 
-async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+async def stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
     # Reparenting (to init or a subreaper) is how a child learns its parent died, even
     # from SIGKILL: `runslot dev` must never leave workers polling behind it.
     while True:

@@ -16,12 +16,14 @@ from activities.executor import Executor, ExecutorActivities
 from activities.store import RunStore
 from activities.store.activities import StoreActivities
 from activities.telemetry import TelemetryActivities, TelemetrySink
+from activities.webhooks import WebhookActivities, WebhookConfig, WebhookPublisher
 from workflows.job import JobWorkflow
 from workflows.models import TaskQueues
 from workflows.run import RunWorkflow
 from workflows.slots import SlotsWorkflow
+from workflows.webhooks import WebhooksWorkflow
 
-WORKFLOWS: Sequence[type] = (JobWorkflow, RunWorkflow, SlotsWorkflow)
+WORKFLOWS: Sequence[type] = (JobWorkflow, RunWorkflow, SlotsWorkflow, WebhooksWorkflow)
 
 PASSTHROUGH_MODULES = ("croniter", "dateutil", "yaml", "psutil", "activities", "workflows")
 """Imported once outside the sandbox: deterministic code (models, policy) and heavy or
@@ -42,7 +44,12 @@ class Pools:
     telemetry: TelemetrySink
     store: RunStore | None = None
     """The run store: the workflow pool writes it (local activities) and reads it (reruns,
-    job-completion fan-out). Required by that pool only."""
+    job-completion fan-out, webhook subscriptions); the telemetry pool reads subscriptions
+    and writes the webhook delivery log. Required by those two pools."""
+    webhooks: WebhookConfig | None = None
+    """The signing key (telemetry pool) and delivery policy (workflow pool) of outgoing
+    webhooks. None: the telemetry pool refuses deliveries (non-retryable), the constants'
+    policy applies."""
 
 
 def build_workers(
@@ -71,9 +78,15 @@ def build_workers(
                 client,
                 task_queue=queues.workflows,
                 workflows=list(WORKFLOWS),
-                # Local activities run on the workflow worker: slot requests, liveness, and
-                # every run store call (ids, snapshots, reruns, dependents).
-                activities=[*CONTROL_ACTIVITIES, *StoreActivities(pools.store).all()],
+                # Local activities run on the workflow worker: slot requests, liveness, every
+                # run store call (ids, snapshots, reruns, dependents) and webhook publishing.
+                activities=[
+                    *CONTROL_ACTIVITIES,
+                    *StoreActivities(pools.store).all(),
+                    WebhookPublisher(
+                        pools.store, pools.webhooks.policy if pools.webhooks else None
+                    ).publish_run_event,
+                ],
                 workflow_runner=workflow_runner(),
                 max_cached_workflows=max_cached_workflows,
                 graceful_shutdown_timeout=_seconds(graceful_shutdown_seconds),
@@ -102,12 +115,15 @@ def build_workers(
             )
         )
     if "telemetry" in which:
+        if pools.store is None:
+            raise ValueError("the telemetry pool needs the run store (Pools.store)")
         telemetry = TelemetryActivities(pools.telemetry)
+        webhooks = WebhookActivities(pools.store, pools.webhooks)
         workers.append(
             Worker(
                 client,
                 task_queue=queues.telemetry,
-                activities=[telemetry.emit_run_telemetry],
+                activities=[telemetry.emit_run_telemetry, webhooks.deliver_webhook],
                 max_concurrent_activities=50,
                 graceful_shutdown_timeout=_seconds(5.0),
             )

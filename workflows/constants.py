@@ -120,3 +120,57 @@ CONTROL_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=5),
     maximum_attempts=5,
 )
+
+# --- webhooks out (dbt Cloud's job.run.* events)
+WEBHOOKS_WORKFLOW = "WebhooksWorkflow"
+SIGNAL_WEBHOOK_DELIVERIES = "deliveries"
+EVENT_RUN_STARTED = "job.run.started"
+EVENT_RUN_COMPLETED = "job.run.completed"
+EVENT_RUN_ERRORED = "job.run.errored"
+"""Sent in addition to ``job.run.completed`` when a run ends in Error (as dbt Cloud does)."""
+WEBHOOK_EVENT_TYPES = (EVENT_RUN_STARTED, EVENT_RUN_COMPLETED, EVENT_RUN_ERRORED)
+WEBHOOK_DELIVERY_FAILED = "WebhookDeliveryFailed"
+"""``ApplicationError.type`` of an attempt the receiver did not accept (retried)."""
+WEBHOOK_NOT_CONFIGURED = "WebhookNotConfigured"
+"""``ApplicationError.type`` when the worker has no signing key (never retried)."""
+
+
+def webhooks_workflow_id(account_id: str) -> str:
+    return f"webhooks:{account_id}"
+
+
+WEBHOOK_PUBLISH_TIMEOUT = timedelta(seconds=5)
+WEBHOOK_PUBLISH_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=1),
+    maximum_attempts=3,
+)
+"""Publishing is a local activity on a run's path: a few quick attempts, then the event is
+dropped with a warning (it runs beside the store write, which retries longer)."""
+WEBHOOK_HTTP_TIMEOUT = timedelta(seconds=5)
+"""One POST, connection to last byte: a slow receiver is cut off here."""
+WEBHOOK_ATTEMPT_TIMEOUT = timedelta(seconds=10)
+"""Start-to-close of one delivery attempt (the POST plus the delivery-log write)."""
+WEBHOOK_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=40),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=6),
+    maximum_attempts=5,
+    non_retryable_error_types=[WEBHOOK_NOT_CONFIGURED],
+)
+"""dbt Cloud's five attempts: waits of 40 s, 80 s, 160 s and 320 s, about 10 minutes."""
+WEBHOOK_DELIVERY_DEADLINE = timedelta(hours=1)
+"""Schedule-to-close of a delivery: the retries plus time for a stopped telemetry worker to
+come back; after it the event is given up (logged), so a backlog never grows without end."""
+WEBHOOK_IDLE_TIMEOUT = timedelta(minutes=10)
+"""A webhooks workflow with nothing to deliver for this long ends (an idle account costs
+nothing); the next event starts it again."""
+WEBHOOK_MAX_IN_FLIGHT = 10
+"""Deliveries of one account at once (each is an activity on the telemetry queue, whose
+worker has 50 slots: a few accounts with dead receivers cannot take them all)."""
+WEBHOOK_MAX_IN_FLIGHT_PER_SUBSCRIPTION = 4
+"""So that one dead receiver leaves room for the account's other subscriptions."""
+WEBHOOK_PENDING_KEPT = 1000
+"""Deliveries waiting to start; beyond it the oldest are dropped with a warning."""
+WEBHOOK_SEEN_KEPT = 500
+"""Recent (subscription, event) keys kept to drop a republished event."""

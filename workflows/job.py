@@ -418,7 +418,11 @@ class JobWorkflow:
         if schedule is None or self.job.job_type == "ci" or self.st.deleted:
             return None
         base = self.st.last_cron_fire or workflow.now()
-        return policy.next_cron_fire(schedule.cron, schedule.timezone, base)
+        try:
+            return policy.next_cron_fire(schedule.cron, schedule.timezone, base)
+        except Exception as err:  # noqa: BLE001 - a schedule with no next tick must not fail the job
+            workflow.logger.warning("job %s: no next cron tick: %s", self.job.job_id, err)
+            return None
 
     async def _fire_cron_if_due(self, now: datetime) -> None:
         due = self._next_cron()

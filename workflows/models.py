@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 import shlex
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -156,6 +156,11 @@ def _check_cron(expr: str) -> str:
         raise ValueError(
             f"invalid cron expression {expr!r}; expected 5 fields: minute hour day month weekday"
         )
+    try:
+        # Valid syntax that never fires (February 31st) would leave the job with no next tick.
+        croniter(expr, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except CroniterError as err:
+        raise ValueError(f"cron expression {expr!r} never fires: {err}") from None
     return expr
 
 
@@ -786,3 +791,117 @@ class RerunPlan(WireModel):
     """The failed run's own steps override, if it had one (else the job's steps apply)."""
     git_sha: str | None = None
     """The commit the failed run built: the rerun builds the same one."""
+
+
+# --------------------------------------------------------------------------- webhooks
+# --- webhooks: dbt Cloud's outgoing job.run.* events (workflows/webhooks.py and
+# activities/webhooks.py). A subscription's URL never crosses Temporal (a URL often holds a
+# token): deliveries name the subscription by id and the delivery activity reads it from
+# the run store. Ids in ``RunEventData`` are the run store's (dbt Cloud's) ids.
+
+
+class RunEventInput(WireModel):
+    """What a run publishes when it starts or ends (local activity ``publish_run_event``)."""
+
+    account_id: str
+    job_id: str
+    run_id: str
+    event_types: list[str] = Field(min_length=1)
+    occurred_at: datetime
+    status: RunStatus
+    status_message: str = ""
+    cause: TriggerCause
+    cause_text: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    dbt_version: str | None = None
+    queues: TaskQueues = Field(default_factory=TaskQueues)
+
+
+class PublishResult(WireModel):
+    deliveries: int = 0
+    """Deliveries handed to the account's webhooks workflow (0: no subscription wanted it)."""
+
+
+class RunEventData(WireModel):
+    """The run an event is about, as a webhook's ``data`` shows it."""
+
+    job_id: int
+    """The job's run store id (dbt Cloud's ``jobId``)."""
+    job_name: str
+    run_id: str
+    environment_id: str = ""
+    environment_name: str = ""
+    project_id: str = ""
+    project_name: str = ""
+    dbt_version: str = ""
+    status: RunStatus
+    status_message: str = ""
+    reason: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class WebhookEvent(WireModel):
+    event_id: str
+    """Stable for a run's event: a republished event keeps it, receivers can dedupe on it."""
+    event_type: str
+    account_id: str
+    occurred_at: datetime
+    data: RunEventData
+
+
+class WebhookDelivery(WireModel):
+    """One event for one subscription: the unit that is retried and logged."""
+
+    webhook_id: int
+    event: WebhookEvent
+
+    @property
+    def key(self) -> str:
+        return f"{self.webhook_id}:{self.event.event_id}"
+
+
+class WebhookDeliveries(WireModel):
+    """Signal ``deliveries`` to ``webhooks:{account}`` (sent with signal-with-start)."""
+
+    deliveries: list[WebhookDelivery] = Field(default_factory=list)
+
+
+class WebhookDeliveryPolicy(WireModel):
+    """Replaces the delivery timeouts and retries of ``constants`` (tests use short ones)."""
+
+    attempt_timeout: timedelta
+    initial_interval: timedelta
+    backoff_coefficient: float = Field(ge=1.0)
+    maximum_interval: timedelta
+    maximum_attempts: int = Field(ge=1)
+    deadline: timedelta
+    idle_timeout: timedelta
+
+
+class WebhooksState(WireModel):
+    """Everything ``webhooks:{account}`` carries across continue-as-new."""
+
+    account_id: str
+    queues: TaskQueues = Field(default_factory=TaskQueues)
+    policy: WebhookDeliveryPolicy | None = None
+    """None: the constants' timeouts and retries."""
+    pending: list[WebhookDelivery] = Field(default_factory=list)
+    """Deliveries not started yet, oldest first."""
+    seen: list[str] = Field(default_factory=list)
+    """Recent ``WebhookDelivery.key``s: an event published twice is delivered once."""
+    generation: int = 0
+    delivered_total: int = 0
+    failed_total: int = 0
+    skipped_total: int = 0
+    dropped_total: int = 0
+    rejected: list[Rejected] = Field(default_factory=list)
+
+
+class WebhookDeliveryResult(WireModel):
+    status_code: int | None = None
+    attempts: int = 0
+    """Attempts logged for this delivery so far, this one included."""
+    skipped: bool = False
+    """The subscription was deleted or paused meanwhile: nothing was sent."""

@@ -3,7 +3,9 @@
 slot (not for CI) → prep → steps → artifacts → release → final status → tell the job →
 telemetry. Every activity has a start-to-close timeout and the long ones heartbeat, so a
 hung step or a dead worker can never hold a slot. The slot is released *before* the job is
-told and before telemetry runs: nothing after the last step can hold capacity.
+told and before telemetry runs: nothing after the last step can hold capacity. The run
+publishes ``job.run.started`` (first step) and ``job.run.completed``/``errored`` (after its
+final status) for the account's webhooks, which deliver them without the run waiting.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ with workflow.unsafe.imports_passed_through():
         CleanupInput,
         PreparedRun,
         PrepareInput,
+        PublishResult,
         RecordRunInput,
         RecordRunResult,
+        RunEventInput,
         RunFinished,
         RunInput,
         RunResult,
@@ -208,39 +212,17 @@ class RunWorkflow:
     async def _execute(self, prepared: list[PreparedRun]) -> None:
         inp, job = self.inp, self.inp.job
         overrides = inp.trigger.overrides
-        prepared.append(
-            await workflow.execute_activity(
-                "prepare_run",
-                PrepareInput(
-                    account_id=inp.account.account_id,
-                    job_id=job.job_id,
-                    run_id=inp.run_id,
-                    environment=job.environment
-                    if overrides.dbt_version_override is None
-                    else job.environment.model_copy(
-                        update={"dbt_version": overrides.dbt_version_override}
-                    ),
-                    target_name=overrides.target_name_override
-                    or job.settings.target_name
-                    or job.environment.target_name,
-                    threads=overrides.threads_override or job.settings.threads,
-                    schema_override=self.r.schema_name or overrides.schema_override,
-                    env_vars=overrides.env_vars,
-                    git_sha=overrides.git_sha,
-                    git_branch=overrides.git_branch,
-                    retry_of_run_id=inp.trigger.rerun_of
-                    if overrides.steps_override and overrides.steps_override[0] == RETRY_STEP
-                    else None,
-                ),
-                result_type=PreparedRun,
-                task_queue=self.inp.queues.steps,
-                start_to_close_timeout=c.PREP_TIMEOUT,
-                heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
-                retry_policy=c.PREP_RETRY,
-                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                summary=f"prepare run {inp.run_id}",
-            )
-        )
+        try:
+            prepared_run = await self._prepare()
+        except ActivityError as err:
+            if isinstance(err.cause, CancelledError):
+                raise asyncio.CancelledError from err
+            # A run that cannot be prepared fails alone, saying why (a missing project, an
+            # unavailable dbt version, a secret the worker lacks): never "internal error".
+            self.r.status = RunStatus.ERROR
+            self.r.status_message = f"Preparing the run failed: {_failure_message(err)}"
+            return
+        prepared.append(prepared_run)
         workspace = prepared[0].workspace
         self.r.git_sha = prepared[0].git_sha
         self.r.dbt_version = prepared[0].dbt_version or None
@@ -252,12 +234,16 @@ class RunWorkflow:
                 self.r.started_at = now
                 self._set_status(RunStatus.RUNNING, "running steps")
             step = StepResult(
-                index=index, name=" ".join(argv[:3]), argv=argv,
+                index=index, name=" ".join(argv)[:255], argv=argv,
                 status=RunStatus.RUNNING, started_at=now,
             )  # fmt: skip
             self.r.steps.append(step)
             workflow.set_current_details(f"step {index}/{len(steps)}: {' '.join(argv)[:120]}")
-            await self._store()
+            if index == 1:
+                # Side by side: two local activities in one workflow task, no added wait.
+                await asyncio.gather(self._store(), self._publish(c.EVENT_RUN_STARTED))
+            else:
+                await self._store()
             try:
                 outcome = await workflow.execute_activity(
                     "run_step",
@@ -305,6 +291,43 @@ class RunWorkflow:
         await self._collect_artifacts(workspace)
         self.r.status = RunStatus.SUCCESS
 
+    async def _prepare(self) -> PreparedRun:
+        """The run's workspace: project checked out, profile rendered (an activity)."""
+        inp, job = self.inp, self.inp.job
+        overrides = inp.trigger.overrides
+        prepared: PreparedRun = await workflow.execute_activity(
+            "prepare_run",
+            PrepareInput(
+                account_id=inp.account.account_id,
+                job_id=job.job_id,
+                run_id=inp.run_id,
+                environment=job.environment
+                if overrides.dbt_version_override is None
+                else job.environment.model_copy(
+                    update={"dbt_version": overrides.dbt_version_override}
+                ),
+                target_name=overrides.target_name_override
+                or job.settings.target_name
+                or job.environment.target_name,
+                threads=overrides.threads_override or job.settings.threads,
+                schema_override=self.r.schema_name or overrides.schema_override,
+                env_vars=overrides.env_vars,
+                git_sha=overrides.git_sha,
+                git_branch=overrides.git_branch,
+                retry_of_run_id=inp.trigger.rerun_of
+                if overrides.steps_override and overrides.steps_override[0] == RETRY_STEP
+                else None,
+            ),
+            result_type=PreparedRun,
+            task_queue=self.inp.queues.steps,
+            start_to_close_timeout=c.PREP_TIMEOUT,
+            heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
+            retry_policy=c.PREP_RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"prepare run {inp.run_id}",
+        )
+        return prepared
+
     async def _collect_artifacts(self, workspace: str) -> None:
         try:
             await workflow.execute_activity(
@@ -326,7 +349,8 @@ class RunWorkflow:
             workflow.logger.warning("artifacts of run %s not collected: %s", self.inp.run_id, err)
 
     async def _finish(self, slot_requested: bool, prepared: list[PreparedRun]) -> None:
-        """Release → status → tell the job → clean up → telemetry. Each part is best effort."""
+        """Release → status → tell the job → webhooks → clean up → telemetry. Each part is
+        best effort."""
         account_id = self.inp.account.account_id
         if slot_requested:
             try:
@@ -350,6 +374,12 @@ class RunWorkflow:
             )
         except Exception as err:  # noqa: BLE001 - the job also watches this workflow's result
             workflow.logger.warning("job %s not told: %s", self.inp.job_workflow_id, err)
+        # After the final status is in the store (a receiver may read the run back) and after
+        # the job is told (its next run never waits for this).
+        if self.r.status == RunStatus.ERROR:
+            await self._publish(c.EVENT_RUN_COMPLETED, c.EVENT_RUN_ERRORED)
+        else:
+            await self._publish(c.EVENT_RUN_COMPLETED)
         if prepared:
             try:
                 await workflow.execute_activity(
@@ -401,6 +431,40 @@ class RunWorkflow:
             )
         except FailureError as err:
             workflow.logger.warning("run %s not recorded in the store: %s", self.inp.run_id, err)
+
+    async def _publish(self, *event_types: str) -> None:
+        """Hand the run's events to its account's webhooks (a local activity: one marker).
+
+        Delivery happens elsewhere (``WebhooksWorkflow``, telemetry queue): a slow or dead
+        receiver never reaches this run. A failure to publish is logged, never fatal.
+        """
+        try:
+            await workflow.execute_local_activity(
+                "publish_run_event",
+                RunEventInput(
+                    account_id=self.inp.account.account_id,
+                    job_id=self.inp.job.job_id,
+                    run_id=self.inp.run_id,
+                    event_types=list(event_types),
+                    occurred_at=workflow.now(),
+                    status=self.r.status,
+                    status_message=self.r.status_message,
+                    cause=self.inp.trigger.cause,
+                    cause_text=self.inp.trigger.cause_text,
+                    started_at=self.r.started_at,
+                    finished_at=self.r.finished_at,
+                    dbt_version=self.r.dbt_version,
+                    queues=self.inp.queues,
+                ),
+                result_type=PublishResult,
+                start_to_close_timeout=c.WEBHOOK_PUBLISH_TIMEOUT,
+                retry_policy=c.WEBHOOK_PUBLISH_RETRY,
+                summary=f"publish {', '.join(event_types)}",
+            )
+        except FailureError as err:
+            workflow.logger.warning(
+                "run %s: %s not published: %s", self.inp.run_id, "/".join(event_types), err
+            )
 
     def _set_status(self, status: RunStatus, details: str) -> None:
         self.r.status = status
