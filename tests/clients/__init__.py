@@ -1,0 +1,1 @@
+"""The real dbt Cloud client tools, run against Runslot's API: their venv and how to call them."""
