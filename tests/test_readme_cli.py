@@ -36,8 +36,8 @@ def readme_commands() -> list[list[str]]:
 
 
 def for_account(argv: list[str], acct: str) -> list[str]:
-    """The README's example account ``acme`` becomes the test's; the job stays ``daily``."""
-    return [arg.replace("job:acme:", f"job:{acct}:").replace("slots:acme", f"slots:{acct}")
+    """The README's example account ``1`` becomes the test's; the job stays ``daily``."""
+    return [arg.replace("job:1:", f"job:{acct}:").replace("slots:1", f"slots:{acct}")
             for arg in argv]  # fmt: skip
 
 
