@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 """Request bodies larger than this are refused (413) before anything parses them."""
+_TOO_LARGE_MESSAGE = f"The request body is larger than {MAX_BODY_BYTES} bytes"
 
 _DEFAULT_MESSAGES = {
     200: "Success!",
@@ -143,7 +144,7 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _too_large(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(413, f"The request body is larger than {MAX_BODY_BYTES} bytes")
+    return error_response(413, _TOO_LARGE_MESSAGE)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -162,17 +163,27 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_middleware(BodyLimitMiddleware)
 
 
-class CatchAllMiddleware:
-    """Any unhandled exception becomes a 500 envelope (logged with its traceback here),
-    unless the response had already started, when all that is left is to re-raise."""
+class _HttpMiddleware:
+    """An ASGI middleware of HTTP requests (``http``); lifespan and websockets go straight on."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class CatchAllMiddleware(_HttpMiddleware):
+    """Any unhandled exception becomes a 500 envelope (logged with its traceback here),
+    unless the response had already started, when all that is left is to re-raise."""
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -193,17 +204,11 @@ class CatchAllMiddleware:
             await response(scope, receive, send)
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(_HttpMiddleware):
     """Refuse bodies over ``MAX_BODY_BYTES``: at once from Content-Length, else while the
     body streams in (raising ``BodyTooLargeError``, which the handler turns into a 413)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -211,11 +216,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     length = -1
                 if length < 0 or length > MAX_BODY_BYTES:
-                    message = (
-                        f"The request body is larger than {MAX_BODY_BYTES} bytes"
-                        if length > 0
-                        else "Invalid Content-Length header"
-                    )
+                    message = _TOO_LARGE_MESSAGE if length > 0 else "Invalid Content-Length header"
                     code = 413 if length > 0 else 400
                     await error_response(code, message)(scope, receive, send)
                     return

@@ -39,13 +39,8 @@ def paging(query: QueryParams) -> Paging:
 
 
 def _int_param(query: QueryParams, name: str, default: int) -> int:
-    raw = query.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer, got {raw!r}") from None
+    value = int_filter(query, name)
+    return default if value is None else value
 
 
 def int_filter(query: QueryParams, name: str) -> int | None:

@@ -40,9 +40,11 @@ from starter.cli_common import (
     TemporalAddress,
     err,
     fail,
+    new_table,
     out,
     print_json,
     print_tables,
+    require_account,
     user_errors,
     when,
 )
@@ -267,8 +269,7 @@ def describe_slots(
     Read from the account's slots workflow in Temporal: no dbt Cloud endpoint shows them.
     """
     with user_errors():
-        if not account:
-            raise CliError("no account: pass --account or set RUNSLOT_ACCOUNT")
+        account = require_account(account)
         slots = asyncio.run(_describe_slots(account, temporal_address, namespace))
     if output == OutputFormat.JSON:
         print_json(slots.model_dump(mode="json"))
@@ -277,17 +278,13 @@ def describe_slots(
         f"Account [bold]{slots.account_id}[/]: {len(slots.holders)} of {slots.capacity} "
         f"slot(s) in use, {len(slots.waiters)} waiting ({slots.grants_total} granted so far)"
     )
-    holders = Table(title="holders")
-    for column in ("run", "workflow", "granted at", "lease expires"):
-        holders.add_column(column)
+    holders = new_table("holders", "run", "workflow", "granted at", "lease expires")
     for holder in slots.holders:
         holders.add_row(
             holder.request_id, holder.workflow_id, when(holder.granted_at),
             when(holder.lease_expires_at),
         )  # fmt: skip
-    waiters = Table(title="waiters (FIFO)")
-    for column in ("run", "workflow", "requested at"):
-        waiters.add_column(column)
+    waiters = new_table("waiters (FIFO)", "run", "workflow", "requested at")
     for waiter in slots.waiters:
         waiters.add_row(waiter.request_id, waiter.workflow_id, when(waiter.requested_at))
     print_tables(holders, waiters)

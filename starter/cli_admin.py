@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +20,6 @@ import sqlalchemy as sa
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
-from rich.table import Table
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -33,6 +34,7 @@ from starter.cli_common import (
     OutputFormat,
     TemporalAddress,
     err,
+    new_table,
     out,
     print_json,
     print_tables,
@@ -93,12 +95,27 @@ def open_store(data_dir: Path, store_url: str | None) -> RunStore:
     return store
 
 
+@contextmanager
+def account_store(account_id: str, data_dir: Path, store_url: str | None) -> Iterator[RunStore]:
+    """``open_store`` for one account's commands, closed after the block; a write to an
+    account the store does not have is a ``CliError`` that says how to create it."""
+    store = open_store(data_dir, store_url)
+    try:
+        yield store
+    except UnknownAccountError:
+        raise _unknown_account(account_id) from None
+    finally:
+        store.close()
+
+
+def _unknown_account(account_id: str) -> CliError:
+    return CliError(f"account {account_id} does not exist (runslot accounts create {account_id})")
+
+
 def _account(store: RunStore, account_id: str) -> StoredAccount:
     found = store.get_account(account_id)
     if found is None:
-        raise CliError(
-            f"account {account_id} does not exist (runslot accounts create {account_id})"
-        )
+        raise _unknown_account(account_id)
     return found
 
 
@@ -130,30 +147,26 @@ def accounts_create(
     A new --run-slots also resizes the account's slots workflow when it runs (at once:
     growing grants waiting runs, shrinking kills nothing).
     """
-    with user_errors():
-        store = open_store(data_dir, store_url)
+    with user_errors(), account_store(account_id, data_dir, store_url) as store:
+        existing = store.get_account(account_id)
+        base: dict[str, Any] = (
+            existing.settings.model_dump() if existing else {"account_id": account_id}
+        )
+        given = {
+            "run_slots": run_slots,
+            "run_memory_limit_mb": memory_limit_mb,
+            "max_queue_wait": (
+                timedelta(seconds=max_queue_wait_seconds) if max_queue_wait_seconds else None
+            ),
+        }
         try:
-            existing = store.get_account(account_id)
-            base: dict[str, Any] = (
-                existing.settings.model_dump() if existing else {"account_id": account_id}
+            settings = AccountSettings.model_validate(
+                {**base, **{k: v for k, v in given.items() if v is not None}}
             )
-            given = {
-                "run_slots": run_slots,
-                "run_memory_limit_mb": memory_limit_mb,
-                "max_queue_wait": (
-                    timedelta(seconds=max_queue_wait_seconds) if max_queue_wait_seconds else None
-                ),
-            }
-            try:
-                settings = AccountSettings.model_validate(
-                    {**base, **{k: v for k, v in given.items() if v is not None}}
-                )
-            except ValidationError as error:
-                raise CliError(f"invalid account: {_first_error(error)}") from None
-            save_account(store, settings, name)
-            saved = _account(store, account_id)
-        finally:
-            store.close()
+        except ValidationError as error:
+            raise CliError(f"invalid account: {_first_error(error)}") from None
+        save_account(store, settings, name)
+        saved = _account(store, account_id)
     resized = None
     if existing is not None and run_slots is not None:
         resized = _resize_slots(account_id, run_slots, temporal_address, namespace)
@@ -217,16 +230,8 @@ def tokens_create(
     store_url: StoreUrl = None,
 ) -> None:
     """Create an API token and print it: its only appearance (the store keeps a digest)."""
-    with user_errors():
-        store = open_store(data_dir, store_url)
-        try:
-            token = store.create_token(account_id, name)
-        except UnknownAccountError:
-            raise CliError(
-                f"account {account_id} does not exist (runslot accounts create {account_id})"
-            ) from None
-        finally:
-            store.close()
+    with user_errors(), account_store(account_id, data_dir, store_url) as store:
+        token = store.create_token(account_id, name)
     # The token alone on stdout, so TOKEN=$(runslot tokens create 1) works.
     out.print(token)
     err.print(
@@ -310,15 +315,8 @@ def environments_create(
             raise CliError(f"invalid environment: {_first_error(error)}") from None
         if resolve_paths_:
             environment = resolve_paths(environment, Path.cwd())
-        store = open_store(data_dir, store_url)
-        try:
+        with account_store(account_id, data_dir, store_url) as store:
             env_id = store.put_environment(account_id, name, environment, project_id=project_id)
-        except UnknownAccountError:
-            raise CliError(
-                f"account {account_id} does not exist (runslot accounts create {account_id})"
-            ) from None
-        finally:
-            store.close()
     if output == OutputFormat.JSON:
         print_json({"id": env_id, "name": name, "project_id": project_id,
                     "runslot": environment.model_dump(mode="json")})  # fmt: skip
@@ -400,17 +398,10 @@ def webhooks_create(
             )
         if not url.startswith(("http://", "https://")):
             raise CliError(f"--url {url!r}: expected an http:// or https:// URL")
-        store = open_store(data_dir, store_url)
-        try:
+        with account_store(account_id, data_dir, store_url) as store:
             hook_id = store.create_webhook(
                 account_id, name=name, url=url, event_types=events, job_ids=job or []
             )
-        except UnknownAccountError:
-            raise CliError(
-                f"account {account_id} does not exist (runslot accounts create {account_id})"
-            ) from None
-        finally:
-            store.close()
         secret = derived_secret("webhook", data_dir, secrets_file, hook_id) if _signing() else None
     if output == OutputFormat.JSON:
         print_json({"id": hook_id, "name": name, "url": url, "event_types": sorted(set(events)),
@@ -430,18 +421,12 @@ def webhooks_list(
     output: Output = OutputFormat.TEXT,
 ) -> None:
     """List the account's webhook subscriptions."""
-    with user_errors():
-        store = open_store(data_dir, store_url)
-        try:
-            hooks = store.list_webhooks(account_id)
-        finally:
-            store.close()
+    with user_errors(), account_store(account_id, data_dir, store_url) as store:
+        hooks = store.list_webhooks(account_id)
     if output == OutputFormat.JSON:
         print_json([hook.model_dump(mode="json") for hook in hooks])
         return
-    table = Table(title=f"webhooks ({len(hooks)})")
-    for column in ("id", "name", "url", "events", "jobs", "active"):
-        table.add_column(column)
+    table = new_table(f"webhooks ({len(hooks)})", "id", "name", "url", "events", "jobs", "active")
     for hook in hooks:
         table.add_row(
             str(hook.id),
@@ -467,18 +452,13 @@ def webhooks_deliveries(
     output: Output = OutputFormat.TEXT,
 ) -> None:
     """The delivery log: each event sent to each webhook, its attempts and outcome."""
-    with user_errors():
-        store = open_store(data_dir, store_url)
-        try:
-            deliveries = store.list_deliveries(account_id, webhook_id=webhook, limit=limit)
-        finally:
-            store.close()
+    with user_errors(), account_store(account_id, data_dir, store_url) as store:
+        deliveries = store.list_deliveries(account_id, webhook_id=webhook, limit=limit)
     if output == OutputFormat.JSON:
         print_json([d.model_dump(mode="json") for d in deliveries])
         return
-    table = Table(title=f"deliveries ({len(deliveries)})")
-    for column in ("id", "webhook", "event", "run", "attempts", "result", "last attempt"):
-        table.add_column(column)
+    columns = ("id", "webhook", "event", "run", "attempts", "result", "last attempt")
+    table = new_table(f"deliveries ({len(deliveries)})", *columns)
     for d in deliveries:
         result = (
             f"[green]{d.status_code}[/]"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
@@ -109,6 +109,13 @@ def user_errors() -> Iterator[None]:
         fail(str(error))
 
 
+def require_account(account: str | None) -> str:
+    """The ``--account`` / ``RUNSLOT_ACCOUNT`` given; none is a usage error."""
+    if not account:
+        raise CliError("no account: pass --account or set RUNSLOT_ACCOUNT")
+    return account
+
+
 def connect_api(api_url: str, token: str | None, account: str | None) -> RunslotApi:
     """A client of the API for one account; a missing token or account is a usage error."""
     if not token:
@@ -116,9 +123,7 @@ def connect_api(api_url: str, token: str | None, account: str | None) -> Runslot
             "no API token: pass --token or set RUNSLOT_API_TOKEN (`runslot dev` prints one; "
             "`runslot tokens create ACCOUNT` makes one)"
         )
-    if not account:
-        raise CliError("no account: pass --account or set RUNSLOT_ACCOUNT")
-    return RunslotApi(api_url, token, account)
+    return RunslotApi(api_url, token, require_account(account))
 
 
 def print_json(data: Any) -> None:
@@ -127,12 +132,21 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def print_tables(*tables: Table) -> None:
+def new_table(title: str, *columns: str) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def print_tables(*tables: Table, empty: str | None = None) -> None:
+    """Each table, or a dim line for one without rows: ``empty``, else ``<title>: none``."""
     for table in tables:
         if table.row_count:
             out.print(table)
         else:
-            out.print(f"[dim]{table.title}: none[/]")
+            message = empty or f"{table.title}: none"
+            out.print(f"[dim]{message}[/]")
 
 
 def parse_status(value: str) -> RunStatus:
@@ -151,6 +165,11 @@ def status_text(code: Any, humanized: Any = None) -> str:
     except (TypeError, ValueError):
         return escape(str(humanized or code))
     return f"[{STATUS_STYLE[status]}]{status.humanized}[/]"
+
+
+def item_status(item: Mapping[str, Any]) -> str:
+    """The coloured status of a run or run step of the API."""
+    return status_text(item.get("status"), item.get("status_humanized"))
 
 
 def when(value: Any, *, short: bool = False) -> str:

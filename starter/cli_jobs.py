@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from starter.api_client import DEFAULT_API_URL, JsonObject
 from starter.cli_common import (
@@ -18,15 +17,15 @@ from starter.cli_common import (
     Token,
     connect_api,
     err,
+    new_table,
     out,
     print_json,
     print_tables,
-    status_text,
     text,
     user_errors,
     when,
 )
-from starter.cli_runs import job_label, resolve_job
+from starter.cli_runs import RUN_COLUMNS, JobRef, job_label, resolve_job, run_cells
 from starter.jobs_file import Action, JobsFile, JobsFileError, apply_jobs_file, load_jobs_file
 
 jobs_app = typer.Typer(help="Jobs: apply a jobs file, list, show.", no_args_is_help=True)
@@ -68,9 +67,7 @@ def jobs_apply(
     if output == OutputFormat.JSON:
         print_json([a.as_json() for a in applied])
         return
-    table = Table(title=f"account {account}")
-    for column in ("kind", "key", "id", "action"):
-        table.add_column(column)
+    table = new_table(f"account {account}", "kind", "key", "id", "action")
     for item in applied:
         style = ACTION_STYLE[item.action]
         table.add_row(item.kind, text(item.key), str(item.id), f"[{style}]{item.action}[/]")
@@ -118,9 +115,9 @@ def jobs_list(
     if output == OutputFormat.JSON:
         print_json(found)
         return
-    table = Table(title=f"jobs ({len(found)})")
-    for column in ("id", "key", "name", "type", "env", "steps", "schedule", "state"):
-        table.add_column(column)
+    table = new_table(
+        f"jobs ({len(found)})", "id", "key", "name", "type", "env", "steps", "schedule", "state"
+    )
     for job in found:
         table.add_row(
             str(job["id"]),
@@ -137,7 +134,7 @@ def jobs_list(
 
 @jobs_app.command("get")
 def jobs_get(
-    job: Annotated[str, typer.Argument(help="Job id or key.", show_default=False)],
+    job: JobRef,
     *,
     api_url: ApiUrl = DEFAULT_API_URL,
     token: Token = None,
@@ -163,18 +160,9 @@ def jobs_get(
     condition = (found.get("job_completion_trigger_condition") or {}).get("condition")
     if condition:
         out.print(f"  runs after job {condition.get('job_id')} ends in {condition.get('statuses')}")
-    table = Table(title=f"recent runs ({len(runs.items)} of {runs.total_count})")
-    for column in ("run", "status", "created", "finished", "took", "message"):
-        table.add_column(column)
+    table = new_table(f"recent runs ({len(runs.items)} of {runs.total_count})", "run", *RUN_COLUMNS)
     for run in runs.items:
-        table.add_row(
-            str(run["id"]),
-            status_text(run.get("status"), run.get("status_humanized")),
-            when(run.get("created_at"), short=True),
-            when(run.get("finished_at"), short=True),
-            text(run.get("duration_humanized") if run.get("is_complete") else None),
-            text(run.get("status_message")),
-        )
+        table.add_row(str(run["id"]), *run_cells(run))
     print_tables(table)
 
 

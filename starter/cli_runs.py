@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from starter.api_client import DEFAULT_API_URL, JsonObject, RunslotApi
@@ -24,10 +23,12 @@ from starter.cli_common import (
     Token,
     connect_api,
     err,
+    item_status,
+    new_table,
     out,
     parse_status,
     print_json,
-    status_text,
+    print_tables,
     text,
     user_errors,
     when,
@@ -40,6 +41,7 @@ CLI_CAUSE = "Run now from the runslot CLI"
 runs_app = typer.Typer(help="Runs: list, show, logs, cancel.", no_args_is_help=True)
 
 RunId = Annotated[int, typer.Argument(help="Run id.", min=1, show_default=False)]
+JobRef = Annotated[str, typer.Argument(help="Job id or key.", show_default=False)]
 
 
 # --------------------------------------------------------------------------- lookups
@@ -62,11 +64,37 @@ def job_label(job: JsonObject) -> str:
     return f"{key} (id {job['id']})" if key and str(key) != str(job["id"]) else f"{job['id']}"
 
 
+def run_job_id(run: JsonObject) -> int:
+    """The store id of a run's job (0 when the API did not say)."""
+    return int(run.get("job_definition_id") or run.get("job_id") or 0)
+
+
+# --------------------------------------------------------------------------- rendering
+
+RUN_COLUMNS = ("status", "created", "finished", "took", "message")
+
+
+def run_cells(run: JsonObject) -> tuple[str, ...]:
+    """A run's ``RUN_COLUMNS`` cells in a table of runs."""
+    return (
+        item_status(run),
+        when(run.get("created_at"), short=True),
+        when(run.get("finished_at"), short=True),
+        text(run.get("duration_humanized") if run.get("is_complete") else None),
+        text(run.get("status_message")),
+    )
+
+
+def step_header(index: Any, name: Any) -> str:
+    """The line above a step's log."""
+    return f"[bold]── step {index}: {text(name)}[/]"
+
+
 # --------------------------------------------------------------------------- run
 
 
 def run_job(
-    job: Annotated[str, typer.Argument(help="Job id or key.", show_default=False)],
+    job: JobRef,
     *,
     wait: Annotated[
         bool, typer.Option(help="Show the run's status and step logs until it ends.")
@@ -119,7 +147,7 @@ def _rerun(api: RunslotApi, job: JsonObject, run_id: int) -> JsonObject:
     the run is checked first: a rerun of anything else would silently start another run.
     """
     run = api.get_run(run_id, steps=False)
-    if int(run.get("job_definition_id") or run.get("job_id") or 0) != int(job["id"]):
+    if run_job_id(run) != int(job["id"]):
         raise CliError(f"run {run_id} is not a run of job {job_label(job)}")
     if run.get("status") != RunStatus.ERROR:
         raise CliError(
@@ -155,7 +183,7 @@ class LogTail:
             index = int(step.get("index") or 0)
             if index not in self.headers:
                 self.headers.add(index)
-                out.print(f"[bold]── step {index}: {text(step.get('name'))}[/]")
+                out.print(step_header(index, step.get("name")))
             data = str(step.get("logs") or "").encode()
             size = int(step.get("log_size") or len(data))
             start = size - len(data)  # where the tail begins in the whole log
@@ -199,7 +227,7 @@ def wait_for_run(
             complete = bool(run.get("is_complete"))
             if tail:
                 logs.feed(run, final=complete)
-                line = f"Run {run_id}: {_status(run)}"
+                line = f"Run {run_id}: {item_status(run)}"
                 if live is not None:
                     live.update(f"{line} [dim]{text(run.get('duration_humanized') or '')}[/]")
                 elif run.get("status") != shown and not complete:
@@ -214,14 +242,10 @@ def wait_for_run(
             live.stop()
 
 
-def _status(item: JsonObject) -> str:
-    return status_text(item.get("status"), item.get("status_humanized"))
-
-
 def print_summary(run: JsonObject) -> None:
     took = run.get("duration_humanized") or run.get("duration")
     message = run.get("status_message")
-    line = f"Run [bold]{run['id']}[/]: {_status(run)}"
+    line = f"Run [bold]{run['id']}[/]: {item_status(run)}"
     if took:
         line += f" in {text(took)}"
     if message:
@@ -257,24 +281,11 @@ def list_runs(
             print_json(page.items)
             return
         keys = {int(j["id"]): j.get("runslot_key") or "" for j in api.all_jobs()}
-    table = Table(title=f"runs ({len(page.items)} of {page.total_count})")
-    for column in ("run", "job", "status", "created", "finished", "took", "message"):
-        table.add_column(column)
+    table = new_table(f"runs ({len(page.items)} of {page.total_count})", "run", "job", *RUN_COLUMNS)
     for run in page.items:
-        job_id_ = int(run.get("job_definition_id") or run.get("job_id") or 0)
-        table.add_row(
-            str(run["id"]),
-            text(f"{keys.get(job_id_) or job_id_}"),
-            status_text(run.get("status"), run.get("status_humanized")),
-            when(run.get("created_at"), short=True),
-            when(run.get("finished_at"), short=True),
-            text(run.get("duration_humanized") if run.get("is_complete") else None),
-            text(run.get("status_message")),
-        )
-    if table.row_count:
-        out.print(table)
-    else:
-        out.print("[dim]no runs[/]")
+        job_id_ = run_job_id(run)
+        table.add_row(str(run["id"]), text(f"{keys.get(job_id_) or job_id_}"), *run_cells(run))
+    print_tables(table, empty="no runs")
 
 
 @runs_app.command("get")
@@ -293,7 +304,7 @@ def get_run(
         print_json(run)
         return
     job = run.get("job") or {"id": run.get("job_definition_id")}
-    out.print(f"Run [bold]{run['id']}[/] of job {text(job_label(job))}: {_status(run)}")
+    out.print(f"Run [bold]{run['id']}[/] of job {text(job_label(job))}: {item_status(run)}")
     trigger = run.get("trigger") or {}
     for label, value in (
         ("message", run.get("status_message")),
@@ -308,21 +319,16 @@ def get_run(
     ):
         if value and value != "-":
             out.print(f"  {label}: {text(value)}")
-    table = Table(title="steps")
-    for column in ("#", "step", "status", "started", "took"):
-        table.add_column(column)
+    table = new_table("steps", "#", "step", "status", "started", "took")
     for step in run.get("run_steps") or []:
         table.add_row(
             str(step.get("index")),
             text(step.get("name")),
-            status_text(step.get("status"), step.get("status_humanized")),
+            item_status(step),
             when(step.get("started_at")),
             text(step.get("duration_humanized")),
         )
-    if table.row_count:
-        out.print(table)
-    else:
-        out.print("[dim]steps: none yet[/]")
+    print_tables(table, empty="steps: none yet")
 
 
 @runs_app.command("logs")
@@ -351,7 +357,7 @@ def run_logs(
         err.print(f"[dim]run {run_id} has no steps yet[/]")
     for item in steps:
         if step is None:
-            out.print(f"[bold]── step {item.get('index')}: {text(item.get('name'))}[/]")
+            out.print(step_header(item.get("index"), item.get("name")))
         logs = str(item.get("logs") or "")
         hidden = int(item.get("log_size") or 0) - len(logs.encode())
         if hidden > 0:  # the API serves the last MiB of a step's log
@@ -375,5 +381,4 @@ def cancel_run(
     if output == OutputFormat.JSON:
         print_json(run)
         return
-    status = status_text(run.get("status"), run.get("status_humanized"))
-    out.print(f"Run [bold]{run['id']}[/]: {status}")
+    out.print(f"Run [bold]{run['id']}[/]: {item_status(run)}")

@@ -64,7 +64,11 @@ def unique_account() -> str:
 
 @asynccontextmanager
 async def serve(app: FastAPI, *, cert: tuple[Path, Path] | None = None) -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a port the OS picks) until the block ends; yields its URL."""
+    """Serve ``app`` on 127.0.0.1 (a port the OS picks) until the block ends; yields its URL.
+
+    Requests still open when the block ends get a second to finish, then are cancelled: a
+    webhook receiver's hanging request must not hold up the test.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -75,6 +79,8 @@ async def serve(app: FastAPI, *, cert: tuple[Path, Path] | None = None) -> Async
         log_config=None,
         lifespan="off",
         access_log=False,
+        ws="none",
+        timeout_graceful_shutdown=1,
         ssl_certfile=str(cert[0]) if cert else None,
         ssl_keyfile=str(cert[1]) if cert else None,
     )

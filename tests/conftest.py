@@ -27,6 +27,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.executor import Executor
 from activities.store import RunStore
 from activities.telemetry import LogSink, TelemetrySink
+from activities.webhooks import WebhookConfig
 from tests.fakes import FakeDbtExecutor
 from worker.registry import Pools, build_workers
 from workflows.constants import SEARCH_ATTRIBUTES
@@ -122,10 +123,11 @@ async def running_stack(
     queues: TaskQueues | None = None,
     telemetry: TelemetrySink | None = None,
     store: RunStore | None = None,
+    webhooks: WebhookConfig | None = None,
     which: tuple[str, ...] = ("workflows", "steps", "telemetry"),
 ) -> AsyncIterator[TaskQueues]:
     """Real workers of the given pools on fresh task queues, for one test; a fresh SQLite
-    run store unless the test passes its own."""
+    run store unless the test passes its own; outgoing webhooks only with ``webhooks``."""
     queues = queues or fresh_queues()
     async with AsyncExitStack() as stack:
         if store is None:
@@ -134,7 +136,12 @@ async def running_stack(
             stack.callback(store.close)
         workers = build_workers(
             client,
-            Pools(executor=executor, telemetry=telemetry or LogSink(), store=store),
+            Pools(
+                executor=executor,
+                telemetry=telemetry or LogSink(),
+                store=store,
+                webhooks=webhooks,
+            ),
             which=which,
             queues=queues,
             max_concurrent_steps=20,

@@ -21,9 +21,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from starter import jobs
 from tests.builders import account, job, wait_for, wait_run
-from tests.conftest import DEV_SERVER_ARGS, find_binary, new_store
+from tests.conftest import DEV_SERVER_ARGS, find_binary, new_store, running_stack
 from tests.fakes import FakeDbtExecutor
-from tests.webhook_helpers import Receiver, webhook_stack
+from tests.webhook_helpers import FAST_WEBHOOKS, Receiver
 from worker.main import exit_without_finalizing
 from workflows import constants as c
 from workflows.models import (
@@ -55,7 +55,10 @@ async def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="runslot-rec-")
     store = new_store(Path(scratch.name))
     receiver = Receiver(scripts={"flaky": [500]})  # the first delivery is retried once
-    async with receiver.running() as url, webhook_stack(client, fake, store) as queues:
+    async with (
+        receiver.running() as url,
+        running_stack(client, fake, store=store, webhooks=FAST_WEBHOOKS) as queues,
+    ):
         settings = account(acct, run_slots=1)
         # Serial runs, over-scheduling, a failure, a cancel, a completion trigger.
         await jobs.save_job(client, job(acct, "deploy", ["dbt run -s gate:g"]), settings, queues)

@@ -25,10 +25,10 @@ from activities.store import RunStore
 from api.context import ApiContext
 from api.github import router
 from starter import jobs
+from tests.api_fixtures import serve
 from tests.builders import account, job, wait_for, wait_run
 from tests.conftest import running_stack, unique
 from tests.fakes import FakeDbtExecutor
-from tests.webhook_helpers import serve
 from workflows.models import (
     Environment,
     JobType,
@@ -132,16 +132,25 @@ async def _save_jobs(client: Client, acct: str, queues: TaskQueues) -> None:
         await jobs.save_job(client, definition, settings, queues)
 
 
+@asynccontextmanager
+async def github_with_jobs(
+    client: Client, fake_dbt: FakeDbtExecutor, store: RunStore, data_dir: Path, acct: str
+) -> AsyncIterator[GitHub]:
+    """Workers, the router over HTTP and the account's jobs (``_save_jobs``); yields GitHub
+    sending to that account."""
+    async with (
+        running_stack(client, fake_dbt, store=store) as queues,
+        github_api(client, store, queues, data_dir) as http,
+    ):
+        await _save_jobs(client, acct, queues)
+        yield GitHub(http, acct, data_dir)
+
+
 async def test_an_opened_pull_request_queues_a_ci_run_of_its_head_commit(
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore, tmp_path: Path
 ) -> None:
     client, acct = dev_env.client, unique("ghopen")
-    async with (
-        running_stack(client, fake_dbt, store=run_store) as queues,
-        github_api(client, run_store, queues, tmp_path) as http,
-    ):
-        await _save_jobs(client, acct, queues)
-        github = GitHub(http, acct, tmp_path)
+    async with github_with_jobs(client, fake_dbt, run_store, tmp_path, acct) as github:
         resp = await github.send("pull_request", pr_event("opened", 7, SHA1), delivery="d-1")
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -173,12 +182,7 @@ async def test_a_new_commit_on_the_pull_request_cancels_its_older_run(
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore, tmp_path: Path
 ) -> None:
     client, acct = dev_env.client, unique("ghsync")
-    async with (
-        running_stack(client, fake_dbt, store=run_store) as queues,
-        github_api(client, run_store, queues, tmp_path) as http,
-    ):
-        await _save_jobs(client, acct, queues)
-        github = GitHub(http, acct, tmp_path)
+    async with github_with_jobs(client, fake_dbt, run_store, tmp_path, acct) as github:
         first = await github.send("pull_request", pr_event("opened", 3, SHA1))
         old = first.json()["data"]["runs"][0]["run_id"]
         await wait_for(lambda: old in fake_dbt.running)
@@ -197,12 +201,7 @@ async def test_closing_drops_the_schema_and_merging_runs_the_merge_jobs_on_the_m
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore, tmp_path: Path
 ) -> None:
     client, acct = dev_env.client, unique("ghclose")
-    async with (
-        running_stack(client, fake_dbt, store=run_store) as queues,
-        github_api(client, run_store, queues, tmp_path) as http,
-    ):
-        await _save_jobs(client, acct, queues)
-        github = GitHub(http, acct, tmp_path)
+    async with github_with_jobs(client, fake_dbt, run_store, tmp_path, acct) as github:
         closed = await github.send("pull_request", pr_event("closed", 4, SHA1))
         assert closed.status_code == 200, closed.text
         assert closed.json()["data"]["closed"] == ["ci"] and closed.json()["data"]["runs"] == []
@@ -222,12 +221,7 @@ async def test_a_bad_signature_is_refused_before_anything_runs(
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore, tmp_path: Path
 ) -> None:
     client, acct = dev_env.client, unique("ghsig")
-    async with (
-        running_stack(client, fake_dbt, store=run_store) as queues,
-        github_api(client, run_store, queues, tmp_path) as http,
-    ):
-        await _save_jobs(client, acct, queues)
-        github = GitHub(http, acct, tmp_path)
+    async with github_with_jobs(client, fake_dbt, run_store, tmp_path, acct) as github:
         event = pr_event("opened", 1, SHA1)
         forged = "sha256=" + "0" * 64
         other_account = hmac.new(

@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import hmac
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -21,9 +23,9 @@ from activities.store import RunStore
 from activities.webhooks import WebhookConfig
 from starter import jobs
 from tests.builders import account, job, wait_for, wait_run
-from tests.conftest import unique
+from tests.conftest import running_stack, unique
 from tests.fakes import FakeDbtExecutor
-from tests.webhook_helpers import FAST_POLICY, HANG, SIGNING_KEY, Receiver, webhook_stack
+from tests.webhook_helpers import FAST_POLICY, FAST_WEBHOOKS, HANG, SIGNING_KEY, Receiver
 from workflows import constants as c
 from workflows.models import (
     RunStatus,
@@ -31,6 +33,7 @@ from workflows.models import (
     TriggerRequest,
     WebhookDeliveries,
     WebhookDelivery,
+    WebhookDeliveryPolicy,
     WebhooksState,
 )
 
@@ -38,6 +41,24 @@ pytestmark = pytest.mark.devserver
 
 ALL_EVENTS = list(c.WEBHOOK_EVENT_TYPES)
 ISO_PRECISE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@asynccontextmanager
+async def _receiving(
+    client: Client,
+    fake_dbt: FakeDbtExecutor,
+    store: RunStore,
+    receiver: Receiver,
+    *,
+    webhooks: WebhookConfig = FAST_WEBHOOKS,
+) -> AsyncIterator[tuple[str, TaskQueues]]:
+    """The receiver over HTTP, then workers that send it webhooks; yields its base URL and the
+    workers' queues (the receiver closes last)."""
+    async with (
+        receiver.running() as url,
+        running_stack(client, fake_dbt, store=store, webhooks=webhooks) as q,
+    ):
+        yield url, q
 
 
 async def _job_store_id(client: Client, store: RunStore, acct: str, key: str, q: TaskQueues) -> int:
@@ -52,11 +73,31 @@ def _signature(webhook_id: int, body: bytes) -> str:
     return hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+async def _signal_deliveries(
+    client: Client,
+    acct: str,
+    q: TaskQueues,
+    policy: WebhookDeliveryPolicy,
+    deliveries: WebhookDeliveries | dict[str, Any],
+) -> WorkflowHandle[Any, Any]:
+    """Signal ``deliveries`` to the account's webhooks workflow, starting it if need be, as
+    ``publish_run_event`` does; a dict is sent as it is, valid or not."""
+    return await client.start_workflow(
+        c.WEBHOOKS_WORKFLOW,
+        WebhooksState(account_id=acct, queues=q, policy=policy),
+        id=c.webhooks_workflow_id(acct),
+        task_queue=q.workflows,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        start_signal=c.SIGNAL_WEBHOOK_DELIVERIES,
+        start_signal_args=[deliveries],
+    )
+
+
 async def test_a_completed_run_sends_started_then_completed_signed_with_dbt_clouds_payload(
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore
 ) -> None:
     client, acct, receiver = dev_env.client, unique("whok"), Receiver()
-    async with receiver.running() as url, webhook_stack(client, fake_dbt, run_store) as q:
+    async with _receiving(client, fake_dbt, run_store, receiver) as (url, q):
         job_id = await _job_store_id(client, run_store, acct, "daily", q)
         other_id = await _job_store_id(client, run_store, acct, "other", q)
         hook = run_store.create_webhook(
@@ -115,7 +156,7 @@ async def test_an_errored_run_sends_completed_and_errored(
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore
 ) -> None:
     client, acct, receiver = dev_env.client, unique("wherr"), Receiver()
-    async with receiver.running() as url, webhook_stack(client, fake_dbt, run_store) as q:
+    async with _receiving(client, fake_dbt, run_store, receiver) as (url, q):
         await jobs.save_job(client, job(acct, "j", ["dbt run -s fail"]), account(acct), q)
         run_store.create_webhook(
             acct, name="alerts", url=f"{url}/alerts", event_types=[c.EVENT_RUN_COMPLETED,
@@ -140,7 +181,7 @@ async def test_a_receiver_failing_twice_gets_the_event_on_the_third_attempt_all_
 ) -> None:
     client, acct = dev_env.client, unique("whflaky")
     receiver = Receiver(scripts={"flaky": [500, 500]})
-    async with receiver.running() as url, webhook_stack(client, fake_dbt, run_store) as q:
+    async with _receiving(client, fake_dbt, run_store, receiver) as (url, q):
         await jobs.save_job(client, job(acct, "j"), account(acct), q)
         hook = run_store.create_webhook(
             acct, name="flaky", url=f"{url}/flaky", event_types=[c.EVENT_RUN_COMPLETED]
@@ -174,7 +215,7 @@ async def test_a_hanging_receiver_delays_no_run_and_holds_no_slot(
         policy=FAST_POLICY.model_copy(update={"maximum_attempts": 2}),
     )
     async with (  # the receiver closes first: it lets its hanging requests go
-        webhook_stack(client, fake_dbt, run_store, webhooks=two_attempts) as q,
+        running_stack(client, fake_dbt, store=run_store, webhooks=two_attempts) as q,
         receiver.running() as url,
     ):
         for acct in (quiet, hooked):
@@ -206,7 +247,7 @@ async def test_an_account_without_subscriptions_starts_no_webhooks_workflow(
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore
 ) -> None:
     client, acct = dev_env.client, unique("whnone")
-    async with webhook_stack(client, fake_dbt, run_store) as q:
+    async with running_stack(client, fake_dbt, store=run_store, webhooks=FAST_WEBHOOKS) as q:
         await jobs.save_job(client, job(acct, "j", ["dbt run -s ok", "dbt run -s fail"]),
                             account(acct), q)  # fmt: skip
         res = await jobs.trigger(client, acct, "j", TriggerRequest())
@@ -231,21 +272,10 @@ async def test_a_bad_message_is_recorded_and_the_webhooks_workflow_keeps_deliver
     client, acct, receiver = dev_env.client, unique("whbad"), Receiver()
     patient = FAST_POLICY.model_copy(update={"idle_timeout": timedelta(minutes=5)})
     config = WebhookConfig(signing_key=SIGNING_KEY, policy=patient)
-    async with (
-        receiver.running() as url,
-        webhook_stack(client, fake_dbt, run_store, webhooks=config) as q,
-    ):
+    async with _receiving(client, fake_dbt, run_store, receiver, webhooks=config) as (url, q):
         await jobs.save_job(client, job(acct, "j"), account(acct), q)
         run_store.create_webhook(acct, name="x", url=f"{url}/x", event_types=ALL_EVENTS)
-        handle = await client.start_workflow(
-            c.WEBHOOKS_WORKFLOW,
-            WebhooksState(account_id=acct, queues=q, policy=patient),
-            id=c.webhooks_workflow_id(acct),
-            task_queue=q.workflows,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            start_signal=c.SIGNAL_WEBHOOK_DELIVERIES,
-            start_signal_args=[{"deliveries": "not a list"}],
-        )
+        handle = await _signal_deliveries(client, acct, q, patient, {"deliveries": "not a list"})
         res = await jobs.trigger(client, acct, "j", TriggerRequest())
         await wait_run(client, acct, res.run_id)
         state = await wait_for(lambda: _delivered(handle, 2), what="two deliveries")
@@ -265,7 +295,7 @@ async def test_continue_as_new_carries_undelivered_events_and_delivers_each_once
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor, run_store: RunStore
 ) -> None:
     client, acct, receiver = dev_env.client, unique("whcan"), Receiver()
-    async with receiver.running() as url, webhook_stack(client, fake_dbt, run_store) as q:
+    async with _receiving(client, fake_dbt, run_store, receiver) as (url, q):
         await jobs.save_job(client, job(acct, "j"), account(acct), q)
         hook = run_store.create_webhook(acct, name="x", url=f"{url}/x", event_types=ALL_EVENTS)
         # Build one real event, then fan it out as 60 runs' events (the dev server suggests
@@ -284,14 +314,8 @@ async def test_continue_as_new_carries_undelivered_events_and_delivers_each_once
         ]
         handle = client.get_workflow_handle(c.webhooks_workflow_id(acct))
         for chunk in (batch[:30], batch[30:], batch[:10]):  # the last ten are repeats
-            await client.start_workflow(
-                c.WEBHOOKS_WORKFLOW,
-                WebhooksState(account_id=acct, queues=q, policy=FAST_POLICY),
-                id=c.webhooks_workflow_id(acct),
-                task_queue=q.workflows,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                start_signal=c.SIGNAL_WEBHOOK_DELIVERIES,
-                start_signal_args=[WebhookDeliveries(deliveries=chunk)],
+            await _signal_deliveries(
+                client, acct, q, FAST_POLICY, WebhookDeliveries(deliveries=chunk)
             )
         await wait_for(lambda: len({r.json["eventId"] for r in receiver.at("x")}) >= 62,
                        timeout=60)  # fmt: skip

@@ -1,31 +1,22 @@
-"""Real HTTP for the webhook tests: an ASGI app served by uvicorn on a free port, a webhook
-receiver scripted per path, and a worker stack that sends webhooks with short retries."""
+"""Real HTTP for the webhook tests: a webhook receiver scripted per path, served by uvicorn on
+a free port, and the webhook settings (short retries) for ``running_stack(webhooks=...)``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import tempfile
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request, Response
-from temporalio.client import Client
 
-from activities.executor import Executor
-from activities.store import RunStore
-from activities.telemetry import LogSink
 from activities.webhooks import WebhookConfig
-from tests.conftest import fresh_queues, new_store
-from worker.registry import Pools, build_workers
-from workflows.models import TaskQueues, WebhookDeliveryPolicy
+from tests.api_fixtures import serve
+from workflows.models import WebhookDeliveryPolicy
 
 SIGNING_KEY = bytes(range(32))
 
@@ -40,31 +31,13 @@ FAST_POLICY = WebhookDeliveryPolicy(
 )
 """dbt Cloud's five attempts, in about two seconds instead of ten minutes."""
 
+FAST_WEBHOOKS = WebhookConfig(
+    signing_key=SIGNING_KEY, http_timeout=timedelta(seconds=1), policy=FAST_POLICY
+)
+"""``running_stack(webhooks=FAST_WEBHOOKS)``: signed with ``SIGNING_KEY``, on ``FAST_POLICY``."""
+
 HANG = -1
 """A scripted answer: hold the request open until the receiver closes."""
-
-
-@asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app on 127.0.0.1 (a free port) for the block; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", ws="none", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task  # raises what stopped it
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 @dataclass
@@ -118,33 +91,3 @@ class Receiver:
                 yield url
         finally:
             self._release.set()
-
-
-@asynccontextmanager
-async def webhook_stack(
-    client: Client,
-    executor: Executor,
-    store: RunStore | None = None,
-    *,
-    webhooks: WebhookConfig | None = None,
-) -> AsyncIterator[TaskQueues]:
-    """``tests.conftest.running_stack`` with outgoing webhooks configured (fast policy)."""
-    queues = fresh_queues()
-    config = webhooks or WebhookConfig(
-        signing_key=SIGNING_KEY, http_timeout=timedelta(seconds=1), policy=FAST_POLICY
-    )
-    async with AsyncExitStack() as stack:
-        if store is None:
-            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="runslot-"))
-            store = new_store(Path(directory))
-            stack.callback(store.close)
-        workers = build_workers(
-            client,
-            Pools(executor=executor, telemetry=LogSink(), store=store, webhooks=config),
-            queues=queues,
-            max_concurrent_steps=20,
-            graceful_shutdown_seconds=0.5,
-        )
-        for worker in workers:
-            await stack.enter_async_context(worker)
-        yield queues
