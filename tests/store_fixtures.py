@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -144,11 +145,23 @@ def find_initdb() -> Path | None:
     return found[-1] if found else None
 
 
+FREE_PORTS = range(20000, 32000)
+"""Below Linux's ephemeral range (32768-60999): a port the OS hands out for port 0 may be
+handed out again to an outgoing connection before our server binds it; these are not."""
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nothing listens on now, for a server a test starts in another process."""
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.choice(FREE_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {FREE_PORTS}")
 
 
 @contextmanager

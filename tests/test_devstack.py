@@ -29,19 +29,13 @@ from starter import jobs
 from starter.client import connect
 from starter.devserver import DevSettings, api_argv, server_argv
 from tests.conftest import find_binary
+from tests.store_fixtures import free_port
 from workflows.constants import SA_ACCOUNT, SEARCH_ATTRIBUTES
 from workflows.models import AccountSettings, Environment, JobDefinition, RunStatus
 
 READY_LINE = "Press Ctrl-C to stop."
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class DevProcess:
