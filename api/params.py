@@ -20,6 +20,8 @@ from api.envelope import bad_request
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 100
+MAX_OFFSET = 2**31 - 1
+"""Beyond any row count, and within what the databases take (a larger one overflows)."""
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,8 @@ def paging(query: QueryParams) -> Paging:
     offset = _int_param(query, "offset", 0)
     if not 1 <= limit <= MAX_LIMIT:
         raise bad_request(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
-    if offset < 0:
-        raise bad_request(f"offset must be 0 or more, got {offset}")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise bad_request(f"offset must be between 0 and {MAX_OFFSET}, got {offset}")
     return Paging(limit=limit, offset=offset)
 
 

@@ -77,20 +77,27 @@ def job_handle(client: Client, account_id: str, job_id: str) -> WorkflowHandle[J
 
 
 NOT_READY_RETRIES = 20
+NOT_ACCEPTED = ("not ready", "unexpected workflow task failure")
+"""How the server says it dropped an update it had not accepted (lower case)."""
 
 
 async def _update(call: Callable[[], Awaitable[T]]) -> T:
     """Run an update, retrying while the server says the workflow is not ready.
 
     Temporal refuses an update for a moment while a workflow switches runs (continue-as-new)
-    with "Workflow is not ready to handle the request". It refuses it before accepting it,
-    so a retry cannot apply it twice.
+    with "Workflow is not ready to handle the request". An update that arrives while the
+    worker completes the workflow task that continues-as-new fails that task
+    (UNHANDLED_COMMAND, so the update is not lost with the old run), and the server then
+    drops the update with "Unable to perform workflow execution update due to unexpected
+    workflow task failure". Both happen before the update is accepted, so a retry cannot
+    apply it twice.
     """
     for attempt in range(NOT_READY_RETRIES):
         try:
             return await call()
         except RPCError as err:
-            if "not ready" not in str(err).lower() or attempt == NOT_READY_RETRIES - 1:
+            retry = any(text in str(err).lower() for text in NOT_ACCEPTED)
+            if not retry or attempt == NOT_READY_RETRIES - 1:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")

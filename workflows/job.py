@@ -112,6 +112,10 @@ class JobWorkflow:
             await self._check_orphans()
             if self.st.deleted and not self.st.in_flight and not self.st.pending_records:
                 await workflow.wait_condition(workflow.all_handlers_finished)
+                # Complete in a later workflow task than the one that accepted the delete:
+                # if the server refuses a completing task (a signal arrived meanwhile), an
+                # update accepted in that same task would be lost with it.
+                await workflow.sleep(MIN_WAIT)
                 if not self.st.in_flight and not self._dirty:
                     return  # deleted, and every run has ended: the job's workflow is done
             if workflow.info().is_continue_as_new_suggested():

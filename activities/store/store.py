@@ -57,6 +57,12 @@ from workflows.models import (
 
 T = TypeVar("T")
 
+ID_RANGE = range(-(2**31), 2**31)
+"""What an id column (``INTEGER``: 32 bits on PostgreSQL) can hold. A number outside it
+matches no row, and handing it to the database fails (SQLite: OverflowError; PostgreSQL:
+integer out of range), so lookups answer "no such row" without asking: an API path like
+``/jobs/9223372036854775808/`` is a 404, never a 500."""
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -154,6 +160,8 @@ class RunStore:
 
     def set_job_state(self, account_id: str, job_id: int, state: int) -> bool:
         """dbt Cloud's soft delete (``state=2``) and undelete (1). False: no such job."""
+        if job_id not in ID_RANGE:
+            return False
         with self._write() as s:
             row = s.get(JobRow, job_id)
             if row is None or row.account_id != account_id:
@@ -163,6 +171,8 @@ class RunStore:
             return True
 
     def get_job(self, account_id: str, job_id: int) -> StoredJob | None:
+        if job_id not in ID_RANGE:
+            return None
         return self._one_job(account_id, JobRow.id == job_id)
 
     def get_job_by_key(self, account_id: str, key: str) -> StoredJob | None:
@@ -272,6 +282,8 @@ class RunStore:
         return self._write_retrying(lambda s: runs.record(s, snapshot, now=self._clock()))
 
     def get_run(self, account_id: str, run_id: int) -> StoredRun | None:
+        if run_id not in ID_RANGE:
+            return None
         return self._one_run(account_id, RunRow.id == run_id)
 
     def get_run_by_key(self, account_id: str, key: str) -> StoredRun | None:
@@ -311,7 +323,7 @@ class RunStore:
         """
         query = queries.runs_with_job_key(account_id)
         if job_id is not None:
-            query = query.where(RunRow.job_id == job_id)
+            query = query.where(RunRow.job_id == job_id if job_id in ID_RANGE else sa.false())
         if job_key is not None:
             query = query.where(JobRow.key == job_key)
         if status is not None:
@@ -351,7 +363,7 @@ class RunStore:
         API's run listing filters them (by project or environment, through their jobs)."""
         query = queries.runs_with_job_key(account_id)
         if job_ids is not None:
-            query = query.where(RunRow.job_id.in_(list(job_ids)))
+            query = query.where(RunRow.job_id.in_([i for i in job_ids if i in ID_RANGE]))
         if status is not None:
             query = query.where(RunRow.status.in_([int(s) for s in status]))
         quarantined: list[Quarantined] = []
@@ -451,6 +463,8 @@ class RunStore:
         )
 
     def get_environment(self, account_id: str, environment_id: int) -> StoredEnvironment | None:
+        if environment_id not in ID_RANGE:
+            return None
         with self._read() as s:
             row = s.get(EnvironmentRow, environment_id)
             if row is None or row.account_id != account_id:
@@ -505,6 +519,8 @@ class RunStore:
 
     def set_webhook_active(self, account_id: str, webhook_id: int, active: bool) -> bool:
         """Pause or resume a subscription. False: no such webhook in this account."""
+        if webhook_id not in ID_RANGE:
+            return False
         with self._write() as s:
             row = s.get(WebhookRow, webhook_id)
             if row is None or row.account_id != account_id:
