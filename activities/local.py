@@ -2,7 +2,10 @@
 
 Each step runs in its own process group (``start_new_session``) so a cancel, a timeout or
 the memory limit kills dbt *and* its children (adapters spawn threads and sometimes
-processes). argv is passed straight to ``exec``: there is no shell anywhere.
+processes). On Linux dbt also dies with its worker (``PR_SET_PDEATHSIG``): a worker killed
+outright (SIGKILL, OOM killer) runs no cleanup, and its dbt would otherwise go on writing
+to the warehouse after the run ended in Error and its slot went to the next run. argv is
+passed straight to ``exec``: there is no shell anywhere.
 
 A workspace, ``{workspace_root}/{account}/{run}/``, holds what one run needs and nothing
 that must outlive it (cleanup removes it whole)::
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -83,6 +87,23 @@ RUN_FILE = ".runslot-run.json"
 RUN_RESULTS = "run_results.json"
 # Variables a dbt subprocess inherits from the worker; everything else comes from the job.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE")
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Run by the worker's Python between fork and dbt: ask Linux to SIGKILL this process when
+# the thread that forked it (the worker's event loop thread) ends, then become dbt (exec
+# keeps the pid, the process group and the death signal). Nobody is left to escalate from
+# SIGTERM once the worker is gone, hence SIGKILL. A worker gone before prctl ran is seen
+# as a changed parent pid: then dbt never starts.
+DIE_WITH_WORKER = f"""\
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(137)
+try:
+    os.execv(sys.argv[2], sys.argv[2:])
+except OSError as err:
+    print(f"runslot: could not start {{sys.argv[2]}}: {{err}}", flush=True)
+    sys.exit(127)
+"""
 DROP_SCHEMA_MACRO = """\
 {% macro runslot_drop_schema(schema) %}
   {% set relation = api.Relation.create(database=target.database, schema=schema) %}
@@ -303,8 +324,9 @@ class LocalExecutor:
         progress: Progress,
     ) -> int:
         try:
+            _check_executable(argv[0])
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *_dying_with_worker(argv),
                 cwd=cwd,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -500,6 +522,27 @@ def _stamps(target: Path) -> dict[str, tuple[int, int, int]]:
             stat = (target / name).stat()
             stamps[name] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
     return stamps
+
+
+def _check_executable(path: str) -> None:
+    """Raise what ``exec`` would for a missing or non-executable dbt: with the death-signal
+    wrapper in front of it, exec happens in the child, too late for a clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    if not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
+def _dying_with_worker(argv: list[str]) -> list[str]:
+    """``argv`` behind the death-signal wrapper (``DIE_WITH_WORKER``), on Linux only.
+
+    The signal follows the *thread* that forked: asyncio forks from the event loop's thread,
+    which lives as long as the worker. (``preexec_fn`` could set it without the wrapper's
+    ~20 ms, but is unsafe in a process with threads, as every worker is.)
+    """
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-I", "-S", "-c", DIE_WITH_WORKER, str(os.getpid()), *argv]
 
 
 def _tree_rss(pid: int) -> int:
