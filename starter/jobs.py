@@ -7,6 +7,7 @@ first save (``USE_EXISTING``: saving is idempotent) and reconfigured by update a
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -118,10 +119,18 @@ async def delete_job(
 async def trigger(
     client: Client, account_id: str, job_id: str, request: TriggerRequest
 ) -> TriggerResult:
-    """Queue a run and return its id (raises ``WorkflowUpdateFailedError`` if refused)."""
+    """Queue a run and return its id (raises ``WorkflowUpdateFailedError`` if refused).
+
+    One update id for every retry: the server may still deliver an attempt the client saw
+    fail (it carries unaccepted updates across continue-as-new), and the same id makes the
+    retry that same update, not a second run. The job keys the run's store row by it too.
+    """
     handle = job_handle(client, account_id, job_id)
+    update_id = str(uuid.uuid4())
     return await _update(
-        lambda: handle.execute_update(c.UPDATE_TRIGGER, request, result_type=TriggerResult)
+        lambda: handle.execute_update(
+            c.UPDATE_TRIGGER, request, id=update_id, result_type=TriggerResult
+        )
     )
 
 

@@ -46,6 +46,7 @@ from tests.store_fixtures import (
     throwaway_cluster,
 )
 from workflows.models import (
+    AbandonedRuns,
     AccountSettings,
     AllocateRunInput,
     CompletionTrigger,
@@ -325,6 +326,34 @@ def test_allocate_run_under_20_concurrent_same_key_calls_returns_one_id(store: R
         ids = list(pool.map(allocate, range(20)))
     assert len(set(ids)) == 1
     assert _count(store, "SELECT count(*) FROM runs WHERE request_key = 'same-key'") == 1
+
+
+def test_allocate_run_cancels_the_callers_abandoned_queued_runs(store: RunStore) -> None:
+    # wf:1 was allocated and queued; wf:2 was allocated by a workflow task that never
+    # completed (the job does not know it); wf:3 got a slot; other:1 is another writer's.
+    ids = {key: store.allocate_run("acme", "daily", key) for key in ("wf:1", "wf:2", "wf:3")}
+    other = store.allocate_run("acme", "daily", "other:1")
+    assert store.record_run(snapshot(str(ids["wf:3"]), S, seq=1)).applied
+    known = AbandonedRuns(key_prefix="wf:", known=[str(ids["wf:1"]), str(ids["wf:3"])])
+
+    new = store.allocate_run("acme", "daily", "wf:4", abandoned=known)
+
+    statuses = {
+        key: store.get_run("acme", run_id) for key, run_id in {**ids, "other:1": other}.items()
+    }
+    assert {key: run.status for key, run in statuses.items() if run} == {
+        "wf:1": Q,
+        "wf:2": CANCEL,
+        "wf:3": S,
+        "other:1": Q,
+    }
+    abandoned = statuses["wf:2"]
+    assert abandoned is not None and "never accepted" in abandoned.status_message
+    assert abandoned.finished_at is not None
+    # The new run is kept, and a retried allocation returns it again.
+    assert store.allocate_run("acme", "daily", "wf:4", abandoned=known) == new
+    run = store.get_run("acme", new)
+    assert run is not None and run.status == Q
 
 
 def test_allocate_run_recovers_from_a_lost_insert_race(postgres_url: str) -> None:

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import constants as c
     from workflows import policy
     from workflows.models import (
+        AbandonedRuns,
         AllocateRunInput,
         AllocateRunResult,
         CancelRequest,
@@ -193,15 +194,40 @@ class JobWorkflow:
             AllocateRunInput(
                 account_id=self.account.account_id,
                 job_id=self.job.job_id,
-                # workflow.uuid4 replays identically: a retried activity or a replayed task
-                # asks for the same key, and the store answers with the same run.
-                request_key=f"{workflow.info().workflow_id}:{workflow.uuid4()}",
+                request_key=self._request_key(req),
                 trigger=req,
+                abandoned=AbandonedRuns(
+                    key_prefix=f"{workflow.info().workflow_id}:",
+                    known=[
+                        *(r.run_id for r in self.st.queue),
+                        *(r.run_id for r in self.st.in_flight),
+                        *(r.run_id for r in self.st.pending_records),
+                    ],
+                ),
             ),
             AllocateRunResult,
             "allocate a run id",
         )
         return result.run_id
+
+    def _request_key(self, req: TriggerRequest) -> str:
+        """The store's idempotency key of this trigger's run: the same trigger always gets
+        the same run, however often its workflow task or activity is retried.
+
+        An update is keyed by its id, which the client keeps across its own retries and the
+        server keeps when it redelivers the update (a failed task, a continue-as-new); a
+        random key would follow the order of delivery and could hand one update's run to
+        another. The job's own triggers (cron ticks, upstream runs) are keyed by their
+        dedupe keys, unique for the job's lifetime. Only a trigger *signal* without a
+        dedupe key falls back to a replay-stable random key.
+        """
+        prefix = workflow.info().workflow_id
+        update = workflow.current_update_info()
+        if update is not None:
+            return f"{prefix}:update:{update.id}"
+        if req.dedupe_key and req.dedupe_key.startswith(("cron:", "upstream:")):
+            return f"{prefix}:{req.dedupe_key}"
+        return f"{prefix}:{workflow.uuid4()}"
 
     async def _plan_rerun(self, req: TriggerRequest) -> TriggerRequest:
         """Rerun from failure: the failed run's commit, and its steps from the failed one."""
@@ -570,10 +596,10 @@ class JobWorkflow:
             return
         now = workflow.now()
         if self._orphan_check_at is None:
-            self._orphan_check_at = now + c.ORPHAN_CHECK_INTERVAL
+            self._orphan_check_at = now + self._orphan_interval()
         if now < self._orphan_check_at:
             return
-        self._orphan_check_at = now + c.ORPHAN_CHECK_INTERVAL
+        self._orphan_check_at = now + self._orphan_interval()
         try:
             closed = await workflow.execute_local_activity(
                 closed_workflows,
@@ -594,6 +620,11 @@ class JobWorkflow:
                     ),
                     to_store=True,
                 )
+
+    def _orphan_interval(self) -> timedelta:
+        """As often as the slots reaper looks at holders: a carried run that was terminated
+        holds up the job's queue no longer than it would hold a slot."""
+        return min(c.ORPHAN_CHECK_INTERVAL, self.account.slot_reap_interval)
 
     def _on_finished(self, finished: RunFinished, *, to_store: bool = False) -> None:
         flight = next((r for r in self.st.in_flight if r.run_id == finished.run_id), None)

@@ -729,6 +729,22 @@ class UpsertJobResult(WireModel):
     job_id: str
 
 
+class AbandonedRuns(WireModel):
+    """Which Queued runs an allocation may cancel as abandoned.
+
+    A trigger's run is allocated before the job queues it. If the workflow task that
+    allocated it never completes (the update is aborted by a continue-as-new, say) and the
+    trigger is refused when it is delivered again, the run stays allocated but unknown to
+    the job. The job's next allocation names every run it knows, and the store cancels the
+    rest of its Queued runs, with a reason.
+    """
+
+    key_prefix: str = Field(min_length=1, max_length=200)
+    """Request keys the job allocates under (``{job workflow id}:``)."""
+    known: list[str] = Field(default_factory=list)
+    """Run ids the job has queued, in flight, or waiting to be written."""
+
+
 class AllocateRunInput(WireModel):
     """Allocate a run id before triggering (activity ``store_allocate_run``)."""
 
@@ -737,6 +753,7 @@ class AllocateRunInput(WireModel):
     request_key: str = Field(min_length=1, max_length=255)
     """Idempotency key: the same key always returns the same run."""
     trigger: TriggerRequest | None = None
+    abandoned: AbandonedRuns | None = None
 
 
 class AllocateRunResult(WireModel):

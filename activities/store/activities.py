@@ -58,7 +58,11 @@ class StoreActivities:
     async def allocate_run(self, request: AllocateRunInput) -> AllocateRunResult:
         def work() -> AllocateRunResult:
             run_id = self._store.allocate_run(
-                request.account_id, request.job_id, request.request_key, trigger=request.trigger
+                request.account_id,
+                request.job_id,
+                request.request_key,
+                trigger=request.trigger,
+                abandoned=request.abandoned,
             )
             return AllocateRunResult(id=run_id, run_id=str(run_id))
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from activities.store.errors import InvalidRecordError, UnknownJobError, UnknownRunError
 from activities.store.schema import JobRow, RunRow, RunStepRow
 from workflows.models import (
+    AbandonedRuns,
     RecordRunInput,
     RecordRunResult,
     RunResult,
@@ -67,8 +68,15 @@ def allocate(
     request_key: str,
     trigger: TriggerRequest | None,
     now: datetime,
+    abandoned: AbandonedRuns | None = None,
 ) -> int:
-    """The run allocated for ``request_key``, inserting a Queued run the first time."""
+    """The run allocated for ``request_key``, inserting a Queued run the first time.
+
+    With ``abandoned``, the writer's earlier Queued runs it no longer knows are cancelled
+    first (see ``AbandonedRuns``).
+    """
+    if abandoned is not None:
+        cancel_abandoned(session, account_id, job_key, abandoned, keep=request_key, now=now)
     existing = session.scalar(
         sa.select(RunRow.id).where(
             RunRow.account_id == account_id, RunRow.request_key == request_key
@@ -97,6 +105,46 @@ def allocate(
     row.key = str(row.id)
     session.flush()
     return row.id
+
+
+ABANDONED_MESSAGE = (
+    "Cancelled: its trigger was never accepted (the request was abandoned, or refused when "
+    "it was delivered again), so the job never queued this run."
+)
+
+
+def cancel_abandoned(
+    session: Session,
+    account_id: str,
+    job_key: str,
+    abandoned: AbandonedRuns,
+    *,
+    keep: str,
+    now: datetime,
+) -> int:
+    """Cancel the job's Queued runs allocated under ``abandoned.key_prefix`` that the writer
+    does not know (``abandoned.known``), except the one keyed ``keep``. Returns how many."""
+    conditions = [
+        RunRow.account_id == account_id,
+        RunRow.job_id == job_id_for(session, account_id, job_key),
+        RunRow.status == int(RunStatus.QUEUED),
+        RunRow.request_key.startswith(abandoned.key_prefix, autoescape=True),
+        RunRow.request_key != keep,
+    ]
+    if abandoned.known:
+        conditions.append(RunRow.key.not_in(abandoned.known))
+    result = session.execute(  # an UPDATE: a CursorResult, which has a rowcount
+        sa.update(RunRow)
+        .where(*conditions)
+        .values(
+            status=int(RunStatus.CANCELLED),
+            status_message=ABANDONED_MESSAGE,
+            finished_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def record(session: Session, snapshot: RecordRunInput, *, now: datetime) -> RecordRunResult:

@@ -45,6 +45,7 @@ from activities.store.schema import (
     WebhookRow,
 )
 from workflows.models import (
+    AbandonedRuns,
     AccountSettings,
     Environment,
     JobDefinition,
@@ -233,6 +234,7 @@ class RunStore:
         request_key: str,
         *,
         trigger: TriggerRequest | None = None,
+        abandoned: AbandonedRuns | None = None,
     ) -> int:
         """Allocate a run: insert it as Queued, once per request key.
 
@@ -242,6 +244,7 @@ class RunStore:
             request_key: Idempotency key: the same key of the same account always returns
                 the same run, concurrent calls included.
             trigger: Cause and overrides, stored for the API's ``run.trigger``.
+            abandoned: The caller's runs it no longer knows are cancelled first.
 
         Returns:
             The run's store id. Its key (the Temporal-level run id) is ``str(id)``.
@@ -257,6 +260,7 @@ class RunStore:
                 request_key=request_key,
                 trigger=trigger,
                 now=self._clock(),
+                abandoned=abandoned,
             )
         )
 
