@@ -1,7 +1,9 @@
 """Activities that talk to Temporal itself: things a workflow cannot do on its own.
 
 * signal-with-start of the account's slots workflow (workflows cannot signal-with-start);
-* liveness of holders and runs (``describe``), so a *terminated* run never leaks a slot.
+* liveness of holders and runs (``describe``), so a *terminated* run never leaks a slot;
+* signals sent from a local activity: one marker event in the sender's history, where a
+  workflow's own signal costs two events and a workflow task more.
 
 (Job-completion fan-out reads the run store: ``activities.store.activities``.)
 """
@@ -14,20 +16,36 @@ from typing import Any
 
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.constants import (
+    RUN_WORKFLOW,
     SA_ACCOUNT,
+    SA_CAUSE,
+    SA_JOB,
+    SA_RUN,
+    SA_STATUS,
     SIGNAL_SLOT_REQUEST,
     SLOTS_WORKFLOW,
     slots_workflow_id,
 )
 from workflows.models import (
+    ClosedWorkflow,
     ClosedWorkflows,
     HolderLiveness,
+    RunInput,
+    RunStatus,
+    SignalWorkflowInput,
     SlotsStartRequest,
     SlotsState,
+    StartRunInput,
 )
 
 
@@ -54,26 +72,92 @@ async def request_slot(request: SlotsStartRequest) -> None:
     )
 
 
+@activity.defn(name="start_run_workflow")
+async def start_run_workflow(request: StartRunInput) -> None:
+    """Start a run's workflow for its job (not as a child: the job hears of the run's end
+    from the run's ``run_finished`` signal, and checks on runs that never report).
+
+    A retried start of a run that went through is a no-op: the run id is never reused.
+    """
+    try:
+        await activity.client().start_workflow(
+            RUN_WORKFLOW,
+            request.run,
+            id=request.workflow_id,
+            task_queue=request.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=initial_search_attributes(request.run),
+            static_summary=request.summary,
+        )
+    except WorkflowAlreadyStartedError:
+        return
+
+
+def initial_search_attributes(inp: RunInput) -> TypedSearchAttributes:
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(SA_ACCOUNT, inp.account.account_id),
+            SearchAttributePair(SA_JOB, inp.job.job_id),
+            SearchAttributePair(SA_RUN, inp.run_id),
+            SearchAttributePair(SA_CAUSE, inp.trigger.cause.value),
+            SearchAttributePair(SA_STATUS, RunStatus.QUEUED.humanized),
+        ]
+    )
+
+
 @activity.defn(name="closed_workflows")
 async def closed_workflows(request: HolderLiveness) -> ClosedWorkflows:
     """Which of these workflows are no longer running (closed, or never existed)."""
     client = activity.client()
 
-    async def is_closed(workflow_id: str) -> bool:
+    async def closed(workflow_id: str) -> ClosedWorkflow | None:
+        handle = client.get_workflow_handle(workflow_id)
         try:
-            desc = await client.get_workflow_handle(workflow_id).describe()
+            desc = await handle.describe()
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
-                return True
+                return ClosedWorkflow(close_status="NOT_FOUND")
             raise
-        return desc.status != WorkflowExecutionStatus.RUNNING
+        if desc.status is None or desc.status == WorkflowExecutionStatus.RUNNING:
+            return None
+        found = ClosedWorkflow(close_status=desc.status.name)
+        if desc.status == WorkflowExecutionStatus.COMPLETED and desc.workflow_type == RUN_WORKFLOW:
+            # A run that ended but whose report never arrived: its own result says how.
+            result = await handle.result()
+            if isinstance(result, dict):
+                status = result.get("status")
+                found.result_status = status if isinstance(status, int) else None
+                found.result_message = str(result.get("status_message") or "")
+        return found
 
-    flags = await asyncio.gather(*(is_closed(wid) for wid in request.workflow_ids))
-    return ClosedWorkflows(
-        workflow_ids=[
-            wid for wid, closed in zip(request.workflow_ids, flags, strict=True) if closed
-        ]
-    )
+    ends = await asyncio.gather(*(closed(wid) for wid in request.workflow_ids))
+    details = {wid: end for wid, end in zip(request.workflow_ids, ends, strict=True) if end}
+    return ClosedWorkflows(workflow_ids=list(details), details=details)
 
 
-CONTROL_ACTIVITIES: list[Callable[..., Any]] = [request_slot, closed_workflows]
+@activity.defn(name="signal_workflow")
+async def signal_workflow(request: SignalWorkflowInput) -> bool:
+    """Send one signal. False if the workflow is gone (closed, or never existed).
+
+    At least once: a retried call, or a workflow task replayed after a crash, may send it
+    again, so every receiver treats a repeat as a no-op (releases, grants, run ends).
+    """
+    try:
+        await (
+            activity.client()
+            .get_workflow_handle(request.workflow_id)
+            .signal(request.signal, request.payload)
+        )
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+CONTROL_ACTIVITIES: list[Callable[..., Any]] = [
+    request_slot,
+    start_run_workflow,
+    closed_workflows,
+    signal_workflow,
+]

@@ -8,6 +8,7 @@ default) and, later, ``k8s`` (a pod per run). The activities below are the only 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -25,6 +26,7 @@ from workflows.models import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 """Called with a line of output, or a short note, whenever the step makes progress."""
@@ -70,9 +72,20 @@ class ExecutorActivities:
         # and carry progress as a line count, never output text: heartbeat details reach
         # history on a timeout, and dbt output can hold a DSN or a password. A hung dbt
         # process is bounded by the run timeout, which the executor also enforces.
-        return await self._with_heartbeats(
+        outcome = await self._with_heartbeats(
             self._executor.run_step(request, progress), lambda: f"{lines} lines of output"
         )
+        if request.cleanup_after:
+            cleanup = CleanupInput(
+                account_id=request.account_id, run_id=request.run_id, workspace=request.workspace
+            )
+            try:
+                await self._with_heartbeats(self._executor.cleanup(cleanup))
+            except Exception:  # the step succeeded: the run's own cleanup_run tries again
+                log.warning("cleanup after %s's last step failed", request.run_id, exc_info=True)
+            else:
+                outcome = outcome.model_copy(update={"cleaned_up": True})
+        return outcome
 
     @activity.defn(name="collect_artifacts")
     async def collect_artifacts(self, request: ArtifactsInput) -> ArtifactsResult:

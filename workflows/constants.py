@@ -72,7 +72,13 @@ REJECTED_KEPT = 20
 SLOT_LEASE_GRACE = timedelta(minutes=10)
 DEFAULT_REAP_INTERVAL = timedelta(seconds=30)
 ORPHAN_CHECK_INTERVAL = timedelta(minutes=1)
-"""How often a job checks runs it carried across continue-as-new (no child handle for them)."""
+"""How often a job checks on its runs in flight while one of them is new (at most: the
+account's reap interval when shorter). A run reports its own end by signal; the check
+catches runs that cannot (terminated, failed workflow)."""
+ORPHAN_CHECK_SLOW_AFTER = timedelta(minutes=2)
+ORPHAN_CHECK_SLOW_INTERVAL = timedelta(minutes=5)
+"""Once every run in flight is older than ``ORPHAN_CHECK_SLOW_AFTER``: a long dbt run
+costs the job a check every 5 minutes, not every 30 seconds (6 history events each)."""
 
 # --- activity timeouts
 PREP_TIMEOUT = timedelta(minutes=15)

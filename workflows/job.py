@@ -1,9 +1,11 @@
 """JobWorkflow ``job:{account}:{job}``: a job as a long-lived entity.
 
 It owns the job's cron loop and trigger queue, applies the queue rules of ``policy`` and
-starts one RunWorkflow per run (child, parent-close ABANDON). A run reports its end by the
-``run_finished`` signal; the job also watches the child's result, so a run *terminated* from
-the CLI (which cannot signal) still frees the job's queue. Signals never raise: a message
+starts one RunWorkflow per run (from a local activity, not as a child: a child's start and
+end would cost the job two workflow tasks per run). A run reports its end by the
+``run_finished`` signal; the job also checks on its runs in flight as often as the slots
+reaper does, so a run *terminated* from the CLI (which cannot signal) still frees the job's
+queue. Signals never raise: a message
 the job cannot use is logged and kept in a small ``rejected`` list. Updates validate first,
 so a bad trigger is refused before it touches history.
 """
@@ -21,16 +23,11 @@ from temporalio.common import RawValue, SearchAttributePair, TypedSearchAttribut
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
-    CancelledError,
-    ChildWorkflowError,
     FailureError,
-    TerminatedError,
-    WorkflowAlreadyStartedError,
 )
-from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.control import closed_workflows
+    from activities.control import closed_workflows, start_run_workflow
     from workflows import constants as c
     from workflows import policy
     from workflows.models import (
@@ -38,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         AllocateRunInput,
         AllocateRunResult,
         CancelRequest,
+        ClosedWorkflow,
         DropSchemaInput,
         FinishedRun,
         HolderLiveness,
@@ -58,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         RunInput,
         RunResult,
         RunStatus,
+        StartRunInput,
         TriggerCause,
         TriggerRequest,
         TriggerResult,
@@ -65,7 +64,6 @@ with workflow.unsafe.imports_passed_through():
         UpsertJobResult,
         UpstreamFinished,
     )
-    from workflows.run import RunWorkflow, initial_search_attributes
 
 MIN_WAIT = timedelta(seconds=1)
 T = TypeVar("T")
@@ -123,7 +121,8 @@ class JobWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if not self._dirty and not self._cancels:
                     self._continue_as_new()
-            timeout = self._next_wakeup()
+            deadline = self._next_wakeup()
+            timeout = None if deadline is None else max(deadline - workflow.now(), MIN_WAIT)
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
@@ -554,17 +553,20 @@ class JobWorkflow:
             queues=self.queues,
         )
         try:
-            handle = await workflow.start_child_workflow(
-                RunWorkflow.run,
-                run_input,
-                id=workflow_id,
-                task_queue=self.queues.workflows,
-                parent_close_policy=ParentClosePolicy.ABANDON,
-                search_attributes=initial_search_attributes(run_input),
-                static_summary=f"run {queued.run_id} of job {self.job.name} "
-                f"({queued.trigger.cause.value})",
+            await workflow.execute_local_activity(
+                start_run_workflow,
+                StartRunInput(
+                    run=run_input,
+                    workflow_id=workflow_id,
+                    task_queue=self.queues.workflows,
+                    summary=f"run {queued.run_id} of job {self.job.name} "
+                    f"({queued.trigger.cause.value})",
+                ),
+                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                retry_policy=c.CONTROL_RETRY,
+                summary=f"start run {queued.run_id}",
             )
-        except (WorkflowAlreadyStartedError, ChildWorkflowError) as err:
+        except FailureError as err:
             self._on_finished(
                 RunFinished(
                     run_id=queued.run_id,
@@ -573,25 +575,11 @@ class JobWorkflow:
                 ),
                 to_store=True,
             )
-            return
-        asyncio.create_task(self._watch(flight, handle))  # noqa: RUF006 - lives with the workflow
-
-    async def _watch(self, flight: InFlightRun, handle: Any) -> None:
-        """Catch ends the run cannot report itself: terminate, timeout, a failed workflow."""
-        try:
-            result: RunResult = await handle
-        except ChildWorkflowError as err:
-            # Terminated or failed: the run could not write its own end to the store.
-            self._on_finished(_finished_from_child_error(flight.run_id, err), to_store=True)
-            return
-        self._on_finished(
-            RunFinished(run_id=flight.run_id, status=result.status, message=result.status_message)
-        )
 
     async def _check_orphans(self) -> None:
-        """Runs carried across continue-as-new have no child handle: check on them slowly."""
-        carried = [r for r in self.st.in_flight if r.generation < self.st.generation]
-        if not carried:
+        """Runs in flight report their end by signal; check on them slowly in case one
+        never does (terminated, or its workflow failed)."""
+        if not self.st.in_flight:
             self._orphan_check_at = None
             return
         now = workflow.now()
@@ -600,36 +588,39 @@ class JobWorkflow:
         if now < self._orphan_check_at:
             return
         self._orphan_check_at = now + self._orphan_interval()
+        flights = list(self.st.in_flight)
         try:
             closed = await workflow.execute_local_activity(
                 closed_workflows,
-                HolderLiveness(workflow_ids=[r.workflow_id for r in carried]),
+                HolderLiveness(workflow_ids=[r.workflow_id for r in flights]),
                 start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
                 retry_policy=c.CONTROL_RETRY,
             )
         except FailureError as err:
             workflow.logger.warning("orphan check failed: %s", err)
             return
-        for run in carried:
-            if run.workflow_id in closed.workflow_ids:
-                self._on_finished(
-                    RunFinished(
-                        run_id=run.run_id,
-                        status=RunStatus.CANCELLED,
-                        message="The run's workflow ended without reporting (terminated?)",
-                    ),
-                    to_store=True,
-                )
+        for run in flights:
+            end = closed.details.get(run.workflow_id)
+            if end is None and run.workflow_id in closed.workflow_ids:
+                end = ClosedWorkflow(close_status="NOT_FOUND")  # from an earlier release
+            if end is not None:
+                finished, to_store = _finished_unreported(run.run_id, end)
+                self._on_finished(finished, to_store=to_store)
 
     def _orphan_interval(self) -> timedelta:
-        """As often as the slots reaper looks at holders: a carried run that was terminated
-        holds up the job's queue no longer than it would hold a slot."""
+        """As often as the slots reaper looks at holders while a run is new: a run that was
+        terminated holds up the job's queue no longer than it would hold a slot. Slowly
+        once every run in flight has been going for a while (each check is a workflow
+        task in the job's history)."""
+        newest = max((r.started_at for r in self.st.in_flight), default=workflow.now())
+        if workflow.now() - newest >= c.ORPHAN_CHECK_SLOW_AFTER:
+            return c.ORPHAN_CHECK_SLOW_INTERVAL
         return min(c.ORPHAN_CHECK_INTERVAL, self.account.slot_reap_interval)
 
     def _on_finished(self, finished: RunFinished, *, to_store: bool = False) -> None:
         flight = next((r for r in self.st.in_flight if r.run_id == finished.run_id), None)
         if flight is None:
-            return  # already recorded (signal and child result both arrive)
+            return  # already recorded (the signal, and the check on runs in flight)
         self.st.in_flight = [r for r in self.st.in_flight if r.run_id != finished.run_id]
         self._record(
             FinishedRun(
@@ -746,8 +737,7 @@ class JobWorkflow:
                 return
             self.st.pending_records.pop(0)
 
-    def _next_wakeup(self) -> timedelta | None:
-        now = workflow.now()
+    def _next_wakeup(self) -> datetime | None:
         deadlines = [
             d
             for d in (
@@ -758,9 +748,7 @@ class JobWorkflow:
             )
             if d is not None
         ]
-        if not deadlines:
-            return None
-        return max(min(deadlines) - now, MIN_WAIT)
+        return min(deadlines) if deadlines else None
 
     def _upstream(self) -> list[str]:
         return sorted({t.job_id for t in self.job.triggers.on_job_completion})
@@ -775,18 +763,20 @@ class JobWorkflow:
         policy.reject(self.st, handler, str(err), workflow.now())
 
 
-def _finished_from_child_error(run_id: str, err: ChildWorkflowError) -> RunFinished:
-    cause = err.cause
-    if isinstance(cause, TerminatedError):
-        return RunFinished(
-            run_id=run_id, status=RunStatus.CANCELLED,
-            message=f"The run's workflow was terminated: {cause.message}",
-        )  # fmt: skip
-    if isinstance(cause, CancelledError):
-        return RunFinished(run_id=run_id, status=RunStatus.CANCELLED, message="Cancelled")
-    return RunFinished(
-        run_id=run_id, status=RunStatus.ERROR, message=f"The run's workflow failed: {err.cause}"
-    )
+def _finished_unreported(run_id: str, end: ClosedWorkflow) -> tuple[RunFinished, bool]:
+    """A run that ended without telling the job, and whether the job must write its end
+    to the store (a completed run wrote its own)."""
+    if end.close_status == "COMPLETED" and end.result_status is not None:
+        status = RunStatus(end.result_status)
+        return RunFinished(run_id=run_id, status=status, message=end.result_message), False
+    if end.close_status in ("FAILED", "TIMED_OUT"):
+        message = f"The run's workflow ended with {end.close_status.replace('_', ' ').lower()}"
+        return RunFinished(run_id=run_id, status=RunStatus.ERROR, message=message), True
+    message = {
+        "TERMINATED": "The run's workflow was terminated",
+        "CANCELED": "Cancelled",
+    }.get(end.close_status, "The run's workflow ended without reporting")
+    return RunFinished(run_id=run_id, status=RunStatus.CANCELLED, message=message), True
 
 
 def job_search_attributes(inp: JobWorkflowInput) -> TypedSearchAttributes:

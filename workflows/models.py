@@ -611,8 +611,20 @@ class HolderLiveness(WireModel):
     workflow_ids: list[str]
 
 
+class ClosedWorkflow(WireModel):
+    """How a workflow closed (``closed_workflows``)."""
+
+    close_status: str
+    """Temporal's close status (``COMPLETED``, ``TERMINATED``, ...), or ``NOT_FOUND``."""
+    result_status: int | None = None
+    """A completed run workflow's own ``RunResult.status``."""
+    result_message: str = ""
+
+
 class ClosedWorkflows(WireModel):
     workflow_ids: list[str] = Field(default_factory=list)
+    details: dict[str, ClosedWorkflow] = Field(default_factory=dict)
+    """By workflow id, for the closed ones."""
 
 
 # --------------------------------------------------------------------------- executor
@@ -651,6 +663,9 @@ class StepInput(WireModel):
     argv: list[str]
     memory_limit_mb: int | None = None
     timeout_seconds: float | None = None
+    cleanup_after: bool = False
+    """The run's last step: remove the workspace once it succeeds (saves the run a cleanup
+    activity). A failed step leaves it to the run's ``cleanup_run``."""
 
 
 class StepOutcome(WireModel):
@@ -662,6 +677,8 @@ class StepOutcome(WireModel):
     """The step's log in the artifact store: ``{account}/{run}/step-{index}/log``."""
     artifacts: list[str] = Field(default_factory=list)
     """Names of the dbt artifacts this step wrote (manifest.json, run_results.json, ...)."""
+    cleaned_up: bool = False
+    """The workspace is gone (``StepInput.cleanup_after``): the run need not clean it up."""
 
 
 class ArtifactsInput(WireModel):
@@ -727,6 +744,24 @@ class UpsertJobInput(WireModel):
 class UpsertJobResult(WireModel):
     id: int
     job_id: str
+
+
+class StartRunInput(WireModel):
+    """Start a run's workflow (local activity ``start_run_workflow``)."""
+
+    run: RunInput
+    workflow_id: str
+    task_queue: str
+    summary: str = ""
+
+
+class SignalWorkflowInput(WireModel):
+    """One signal sent by the local activity ``signal_workflow``."""
+
+    workflow_id: str
+    signal: str
+    payload: dict[str, Any]
+    """The signal's argument as JSON (a model's ``model_dump(mode="json")``)."""
 
 
 class AbandonedRuns(WireModel):

@@ -1,11 +1,16 @@
 """RunWorkflow ``run:{account}:{run}``: one execution of a job.
 
-slot (not for CI) → prep → steps → artifacts → release → final status → tell the job →
-telemetry. Every activity has a start-to-close timeout and the long ones heartbeat, so a
-hung step or a dead worker can never hold a slot. The slot is released *before* the job is
-told and before telemetry runs: nothing after the last step can hold capacity. The run
-publishes ``job.run.started`` (first step) and ``job.run.completed``/``errored`` (after its
-final status) for the account's webhooks, which deliver them without the run waiting.
+slot (not for CI) → prep → steps (each stores its artifacts; the last one also removes the
+workspace) → release → final status → tell the job → telemetry. Every activity has a
+start-to-close timeout and the long ones heartbeat, so a hung step or a dead worker can
+never hold a slot. The slot is released *before* the job is told and before telemetry runs:
+nothing after the last step can hold capacity. The run publishes ``job.run.started`` (first
+step) and ``job.run.completed``/``errored`` (after its final status) for the account's
+webhooks, which deliver them without the run waiting.
+
+History budget (tests/test_history_budget.py): release, final snapshot, the job's signal and
+the webhook events are local activities in one workflow task (a marker each), so a one-step
+run is 42 events, where it was 62.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -30,13 +34,11 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.artifacts import StepKey
-    from activities.control import request_slot
+    from activities.control import request_slot, signal_workflow
     from workflows import constants as c
     from workflows import policy
     from workflows.errors import MEMORY_LIMIT_MESSAGE, ErrorType
     from workflows.models import (
-        ArtifactsInput,
-        ArtifactsResult,
         CleanupInput,
         PreparedRun,
         PrepareInput,
@@ -48,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
         RunInput,
         RunResult,
         RunStatus,
+        SignalWorkflowInput,
         SlotGrant,
         SlotRelease,
         SlotRequest,
@@ -73,6 +76,7 @@ class RunWorkflow:
         self._finishing = False
         self._main: asyncio.Task[RunResult] | None = None
         self._seq = 0  # run store snapshots written so far
+        self._cleaned_up = False  # the last step removed the workspace
         self.r = RunResult(
             run_id=inp.run_id,
             account_id=inp.account.account_id,
@@ -255,6 +259,7 @@ class RunWorkflow:
                         argv=argv,
                         memory_limit_mb=inp.account.run_memory_limit_mb,
                         timeout_seconds=step_timeout.total_seconds(),
+                        cleanup_after=index == len(steps),
                     ),
                     result_type=StepOutcome,
                     task_queue=self.inp.queues.steps,
@@ -281,14 +286,14 @@ class RunWorkflow:
                     if step.message == MEMORY_LIMIT_MESSAGE
                     else f"Step {index} ({step.name}) failed: {step.message}"
                 )
-                await self._collect_artifacts(workspace)
                 return
             step.status = RunStatus.SUCCESS
             step.exit_code = outcome.exit_code
             step.log_key = outcome.log_key
             step.artifacts = outcome.artifacts
             step.finished_at = workflow.now()
-        await self._collect_artifacts(workspace)
+            self._cleaned_up = outcome.cleaned_up
+        # Artifacts are stored by each step as it ends (``StepOutcome.artifacts``).
         self.r.status = RunStatus.SUCCESS
 
     async def _prepare(self) -> PreparedRun:
@@ -328,59 +333,38 @@ class RunWorkflow:
         )
         return prepared
 
-    async def _collect_artifacts(self, workspace: str) -> None:
-        try:
-            await workflow.execute_activity(
-                "collect_artifacts",
-                ArtifactsInput(
-                    account_id=self.inp.account.account_id,
-                    run_id=self.inp.run_id,
-                    workspace=workspace,
-                ),
-                result_type=ArtifactsResult,
-                task_queue=self.inp.queues.steps,
-                start_to_close_timeout=c.ARTIFACTS_TIMEOUT,
-                heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
-                retry_policy=c.PREP_RETRY,
-                summary="collect artifacts",
-            )
-        except ActivityError as err:
-            # Missing artifacts are reported in the log, they do not change a run's status.
-            workflow.logger.warning("artifacts of run %s not collected: %s", self.inp.run_id, err)
-
     async def _finish(self, slot_requested: bool, prepared: list[PreparedRun]) -> None:
         """Release → status → tell the job → webhooks → clean up → telemetry. Each part is
         best effort."""
         account_id = self.inp.account.account_id
         if slot_requested:
-            try:
-                await workflow.get_external_workflow_handle(c.slots_workflow_id(account_id)).signal(
-                    c.SIGNAL_SLOT_RELEASE, SlotRelease(request_id=self.inp.run_id)
-                )
-            except Exception as err:  # noqa: BLE001 - the reaper frees it if this fails
-                workflow.logger.warning("release of %s failed: %s", self.inp.run_id, err)
+            # The reaper frees the slot if this fails.
+            await self._signal(
+                c.slots_workflow_id(account_id),
+                c.SIGNAL_SLOT_RELEASE,
+                SlotRelease(request_id=self.inp.run_id).model_dump(mode="json"),
+            )
         self.r.finished_at = workflow.now()
         self._set_status(self.r.status, self.r.status.humanized)
         await self._store(final=True)
-        try:
-            await workflow.get_external_workflow_handle(self.inp.job_workflow_id).signal(
-                c.SIGNAL_RUN_FINISHED,
-                RunFinished(
-                    run_id=self.inp.run_id,
-                    status=self.r.status,
-                    message=self.r.status_message,
-                    finished_at=self.r.finished_at,
-                ),
-            )
-        except Exception as err:  # noqa: BLE001 - the job also watches this workflow's result
-            workflow.logger.warning("job %s not told: %s", self.inp.job_workflow_id, err)
+        # The job also checks on runs that never report (terminated, failed workflow).
+        await self._signal(
+            self.inp.job_workflow_id,
+            c.SIGNAL_RUN_FINISHED,
+            RunFinished(
+                run_id=self.inp.run_id,
+                status=self.r.status,
+                message=self.r.status_message,
+                finished_at=self.r.finished_at,
+            ).model_dump(mode="json"),
+        )
         # After the final status is in the store (a receiver may read the run back) and after
         # the job is told (its next run never waits for this).
         if self.r.status == RunStatus.ERROR:
             await self._publish(c.EVENT_RUN_COMPLETED, c.EVENT_RUN_ERRORED)
         else:
             await self._publish(c.EVENT_RUN_COMPLETED)
-        if prepared:
+        if prepared and not self._cleaned_up:
             try:
                 await workflow.execute_activity(
                     "cleanup_run",
@@ -410,6 +394,26 @@ class RunWorkflow:
         except ActivityError as err:
             # Telemetry never changes a run's status (dbt Cloud, February 2026).
             workflow.logger.warning("telemetry for %s failed: %s", self.inp.run_id, err)
+
+    async def _signal(self, workflow_id: str, signal: str, payload: dict[str, Any]) -> None:
+        """Signal another workflow from a local activity (best effort, logged on failure).
+
+        One marker event, in the workflow task that is running anyway; a workflow's own
+        signal would add two events and a workflow task to this run's history.
+        """
+        try:
+            delivered = await workflow.execute_local_activity(
+                signal_workflow,
+                SignalWorkflowInput(workflow_id=workflow_id, signal=signal, payload=payload),
+                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                retry_policy=c.CONTROL_RETRY,
+                summary=f"signal {signal} to {workflow_id}",
+            )
+        except FailureError as err:
+            workflow.logger.warning("%s to %s failed: %s", signal, workflow_id, err)
+            return
+        if not delivered:
+            workflow.logger.warning("%s to %s: the workflow is gone", signal, workflow_id)
 
     async def _store(self, *, final: bool = False) -> None:
         """Write this run's snapshot to the run store (a local activity: one marker event).
@@ -470,18 +474,6 @@ class RunWorkflow:
         self.r.status = status
         workflow.upsert_search_attributes([c.SA_STATUS.value_set(status.humanized)])
         workflow.set_current_details(f"**{status.humanized}**: {details}")
-
-
-def initial_search_attributes(inp: RunInput) -> TypedSearchAttributes:
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(c.SA_ACCOUNT, inp.account.account_id),
-            SearchAttributePair(c.SA_JOB, inp.job.job_id),
-            SearchAttributePair(c.SA_RUN, inp.run_id),
-            SearchAttributePair(c.SA_CAUSE, inp.trigger.cause.value),
-            SearchAttributePair(c.SA_STATUS, RunStatus.QUEUED.humanized),
-        ]
-    )
 
 
 async def _settle(task: asyncio.Task[None]) -> None:

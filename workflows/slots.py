@@ -18,12 +18,13 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.control import closed_workflows
+    from activities.control import closed_workflows, signal_workflow
     from workflows import constants as c
     from workflows.models import (
         HolderLiveness,
         Rejected,
         Resize,
+        SignalWorkflowInput,
         SlotGrant,
         SlotHolder,
         SlotRelease,
@@ -61,9 +62,8 @@ class SlotsWorkflow:
                 # Only holders can leak capacity. A dead waiter needs no timer: its grant
                 # fails and the next waiter is served (and a reap pass drops it too).
                 deadlines.append(next_reap)
-            timeout = None
-            if deadlines:
-                timeout = max(min(deadlines) - workflow.now(), MIN_WAIT)
+            deadline = min(deadlines) if deadlines else None
+            timeout = None if deadline is None else max(deadline - workflow.now(), MIN_WAIT)
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
@@ -147,21 +147,37 @@ class SlotsWorkflow:
         self._regrant.clear()
         if not grants and not regrants:
             return
+        targets = [*grants, *regrants]
         results = await asyncio.gather(
-            *(self._signal_grant(h) for h in [*grants, *regrants]), return_exceptions=True
+            *(self._signal_grant(h) for h in targets), return_exceptions=True
         )
-        for holder, result in zip([*grants, *regrants], results, strict=True):
-            if isinstance(result, BaseException):
+        for holder, result in zip(targets, results, strict=True):
+            if result is False:
                 # The requester is gone (closed or terminated): free the slot for the next one.
-                workflow.logger.info("grant to %s failed (%s); freeing", holder.workflow_id, result)
+                workflow.logger.info("grant to %s: workflow gone; freeing", holder.workflow_id)
                 self.s.holders = [h for h in self.s.holders if h.request_id != holder.request_id]
                 self._dirty = True
+            elif isinstance(result, BaseException):
+                # Not delivered (Temporal unreachable?): send it again on the next wake-up
+                # (the reaper's timer at the latest); the holder keeps its slot meanwhile.
+                workflow.logger.warning("grant to %s failed: %s", holder.workflow_id, result)
+                self._regrant.append(holder.request_id)
 
-    async def _signal_grant(self, holder: SlotHolder) -> None:
-        handle = workflow.get_external_workflow_handle(holder.workflow_id)
-        await handle.signal(
-            c.SIGNAL_SLOT_GRANTED,
-            SlotGrant(request_id=holder.request_id, granted_at=holder.granted_at),
+    async def _signal_grant(self, holder: SlotHolder) -> bool:
+        """Grant through a local activity: one marker event, where a workflow signal costs
+        two events and a workflow task. Repeats are harmless (the run keeps the first)."""
+        return await workflow.execute_local_activity(
+            signal_workflow,
+            SignalWorkflowInput(
+                workflow_id=holder.workflow_id,
+                signal=c.SIGNAL_SLOT_GRANTED,
+                payload=SlotGrant(
+                    request_id=holder.request_id, granted_at=holder.granted_at
+                ).model_dump(mode="json"),
+            ),
+            start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+            retry_policy=c.CONTROL_RETRY,
+            summary=f"grant a slot to {holder.request_id}",
         )
 
     def _expire_leases(self) -> None:
