@@ -537,6 +537,23 @@ def test_dependent_jobs_are_found_from_the_saved_definitions(store: RunStore) ->
     assert store.dependent_jobs("acme", "daily") == [], "deleted jobs are not triggered"
 
 
+def test_dependent_jobs_see_saves_made_through_another_store(store: RunStore) -> None:
+    # The graph is cached per account; a save by another process (the API, another worker)
+    # must still be seen by the next call.
+    other = RunStore(store.engine.url)
+    try:
+        assert store.dependent_jobs("acme", "daily") == []
+        chained = job_definition("after").model_copy(
+            update={"triggers": JobTriggers(on_job_completion=[CompletionTrigger(job_id="daily")])}
+        )
+        other.upsert_job(chained)
+        assert store.dependent_jobs("acme", "daily") == ["after"]
+        other.upsert_job(job_definition("after"))  # the dependency is removed
+        assert store.dependent_jobs("acme", "daily") == []
+    finally:
+        other.close()
+
+
 def test_environments_keep_their_id_when_replaced_and_stay_in_their_account(
     store: RunStore,
 ) -> None:
