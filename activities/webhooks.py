@@ -121,6 +121,8 @@ class WebhookPublisher:
         return PublishResult(deliveries=len(deliveries))
 
     def _deliveries(self, request: RunEventInput) -> list[WebhookDelivery]:
+        if not self._store.has_active_webhooks(request.account_id):
+            return []  # the common case, without reading and validating the job
         job = self._store.get_job_by_key(request.account_id, request.job_id)
         if job is None:
             raise ApplicationError(

@@ -569,9 +569,11 @@ def test_environments_keep_their_id_when_replaced_and_stay_in_their_account(
 
 
 def test_webhooks_match_events_and_jobs_and_log_each_delivery_once(store: RunStore) -> None:
+    assert not store.has_active_webhooks("acme")
     every = store.create_webhook(
         "acme", name="all", url="https://a", event_types=["job.run.completed"]
     )
+    assert store.has_active_webhooks("acme") and not store.has_active_webhooks("globex")
     one = store.create_webhook(
         "acme", name="one", url="https://b", event_types=["job.run.errored"], job_ids=[7]
     )
@@ -580,6 +582,10 @@ def test_webhooks_match_events_and_jobs_and_log_each_delivery_once(store: RunSto
     assert store.webhooks_for("acme", "job.run.errored", 8) == []
     assert store.set_webhook_active("acme", every, False)
     assert store.webhooks_for("acme", "job.run.completed", 1) == []
+    assert store.has_active_webhooks("acme"), "one is still active"
+    assert store.set_webhook_active("acme", one, False)
+    assert not store.has_active_webhooks("acme")
+    assert store.set_webhook_active("acme", one, True)
 
     def attempt(status_code: int | None, succeeded: bool, error: str = "") -> int:
         return store.record_delivery_attempt(

@@ -10,20 +10,20 @@ the semaphore every job of the account depends on.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.control import closed_workflows, signal_workflow
+    from activities.control import closed_workflows, signal_workflows
     from workflows import constants as c
     from workflows.models import (
         HolderLiveness,
         Rejected,
         Resize,
+        SignalBatch,
         SignalWorkflowInput,
         SlotGrant,
         SlotHolder,
@@ -148,37 +148,41 @@ class SlotsWorkflow:
         if not grants and not regrants:
             return
         targets = [*grants, *regrants]
-        results = await asyncio.gather(
-            *(self._signal_grant(h) for h in targets), return_exceptions=True
-        )
-        for holder, result in zip(targets, results, strict=True):
+        try:
+            # All of this task's grants in one local activity: one marker, and the signals
+            # go out side by side (a storm grants hundreds in one task).
+            batch = await workflow.execute_local_activity(
+                signal_workflows,
+                SignalBatch(
+                    signals=[
+                        SignalWorkflowInput(
+                            workflow_id=h.workflow_id,
+                            signal=c.SIGNAL_SLOT_GRANTED,
+                            payload=SlotGrant(
+                                request_id=h.request_id, granted_at=h.granted_at
+                            ).model_dump(mode="json"),
+                        )
+                        for h in targets
+                    ]
+                ),
+                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                retry_policy=c.CONTROL_RETRY,
+                summary=f"grant {len(targets)} slot(s)",
+            )
+            sent: list[bool | None] = batch.sent
+        except FailureError as err:  # local activities may fail unwrapped: the common base
+            workflow.logger.warning("grants not sent: %s", err)
+            sent = [None] * len(targets)
+        for holder, result in zip(targets, sent, strict=True):
             if result is False:
                 # The requester is gone (closed or terminated): free the slot for the next one.
                 workflow.logger.info("grant to %s: workflow gone; freeing", holder.workflow_id)
                 self.s.holders = [h for h in self.s.holders if h.request_id != holder.request_id]
                 self._dirty = True
-            elif isinstance(result, BaseException):
+            elif result is None:
                 # Not delivered (Temporal unreachable?): send it again on the next wake-up
                 # (the reaper's timer at the latest); the holder keeps its slot meanwhile.
-                workflow.logger.warning("grant to %s failed: %s", holder.workflow_id, result)
                 self._regrant.append(holder.request_id)
-
-    async def _signal_grant(self, holder: SlotHolder) -> bool:
-        """Grant through a local activity: one marker event, where a workflow signal costs
-        two events and a workflow task. Repeats are harmless (the run keeps the first)."""
-        return await workflow.execute_local_activity(
-            signal_workflow,
-            SignalWorkflowInput(
-                workflow_id=holder.workflow_id,
-                signal=c.SIGNAL_SLOT_GRANTED,
-                payload=SlotGrant(
-                    request_id=holder.request_id, granted_at=holder.granted_at
-                ).model_dump(mode="json"),
-            ),
-            start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
-            retry_policy=c.CONTROL_RETRY,
-            summary=f"grant a slot to {holder.request_id}",
-        )
 
     def _expire_leases(self) -> None:
         now = workflow.now()

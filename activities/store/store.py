@@ -557,6 +557,15 @@ class RunStore:
                 if (hook := read_or_quarantine("webhooks", row.id, _bind(webhook_record, row), []))
             ]
 
+    def has_active_webhooks(self, account_id: str) -> bool:
+        """Whether the account has any active subscription (one indexed query: every run
+        publishes its events, and most accounts subscribe to none)."""
+        query = sa.select(WebhookRow.id).where(
+            WebhookRow.account_id == account_id, WebhookRow.active == sa.true()
+        )
+        with self._read() as s:
+            return s.scalar(query.limit(1)) is not None
+
     def webhooks_for(self, account_id: str, event_type: str, job_id: int) -> list[StoredWebhook]:
         """Active subscriptions of the account that want this event of this job."""
         return [
