@@ -40,10 +40,12 @@ JOBS = 200
 MISSED_TICKS = 10
 CAPACITY = 16
 """The account's run slots: fewer than RATE, so the bucket's first burst cannot be all preps."""
-STEP_QUEUE_KINDS = ("prepare", "step", "artifacts", "cleanup")
+STEP_QUEUE_KINDS = ("prepare", "step")
+"""The executor calls that are step-queue activities here: every run succeeds, so its last
+(only) step removes the workspace inside its own activity and no ``cleanup_run`` runs."""
 RATE = 20.0
 """Step-queue activities per second (``build_workers(step_activities_per_second=...)``):
-prep, step, artifacts and cleanup of every run share it (4 per run here)."""
+prep and step of every run share it (2 per run here)."""
 JITTER = 2
 """Starts are timed where the fake executor sees them, on the worker, not where the server
 dispatches them: a start at the edge of a window can be late by the poll's latency and land
