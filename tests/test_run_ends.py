@@ -25,6 +25,18 @@ from workflows.models import ClosedWorkflow, RunStatus
         (ClosedWorkflow(close_status="NOT_FOUND"), RunStatus.CANCELLED, "without reporting", True),
         # Completed, but its result could not be read: never counted as a success.
         (ClosedWorkflow(close_status="COMPLETED"), RunStatus.CANCELLED, "without reporting", True),
+        (
+            ClosedWorkflow(close_status="COMPLETED", result_status=99),
+            RunStatus.CANCELLED,
+            "without reporting",
+            True,
+        ),
+        (
+            ClosedWorkflow(close_status="COMPLETED", result_status=3),  # Running: not an end
+            RunStatus.CANCELLED,
+            "without reporting",
+            True,
+        ),
     ],
 )
 def test_a_silent_run_is_recorded_from_how_its_workflow_closed(

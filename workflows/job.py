@@ -766,9 +766,11 @@ class JobWorkflow:
 def _finished_unreported(run_id: str, end: ClosedWorkflow) -> tuple[RunFinished, bool]:
     """A run that ended without telling the job, and whether the job must write its end
     to the store (a completed run wrote its own)."""
-    if end.close_status == "COMPLETED" and end.result_status is not None:
+    known = {int(status) for status in RunStatus}
+    if end.close_status == "COMPLETED" and end.result_status in known:
         status = RunStatus(end.result_status)
-        return RunFinished(run_id=run_id, status=status, message=end.result_message), False
+        if status.is_finished:
+            return RunFinished(run_id=run_id, status=status, message=end.result_message), False
     if end.close_status in ("FAILED", "TIMED_OUT"):
         message = f"The run's workflow ended with {end.close_status.replace('_', ' ').lower()}"
         return RunFinished(run_id=run_id, status=RunStatus.ERROR, message=message), True
