@@ -170,6 +170,8 @@ class SlotsWorkflow:
                 summary=f"grant {len(targets)} slot(s)",
             )
             sent: list[bool | None] = batch.sent
+            if len(sent) != len(targets):  # never expected; a mismatch must not fail the task
+                sent = [None] * len(targets)
         except FailureError as err:  # local activities may fail unwrapped: the common base
             workflow.logger.warning("grants not sent: %s", err)
             sent = [None] * len(targets)
