@@ -42,8 +42,6 @@ from workflows.models import (
     HolderLiveness,
     RunInput,
     RunStatus,
-    SignalBatch,
-    SignalBatchResult,
     SignalWorkflowInput,
     SlotsStartRequest,
     SlotsState,
@@ -157,29 +155,9 @@ async def signal_workflow(request: SignalWorkflowInput) -> bool:
     return True
 
 
-@activity.defn(name="signal_workflows")
-async def signal_workflows(request: SignalBatch) -> SignalBatchResult:
-    """Send many signals at once (the slots workflow's grants of one workflow task): one
-    local activity and one marker, however many runs are granted.
-
-    Never raises for one signal: each gets True (sent), False (the workflow is gone) or
-    None (not sent: the caller tries again later), so a retry never resends the batch.
-    """
-
-    async def send(one: SignalWorkflowInput) -> bool | None:
-        try:
-            return await signal_workflow(one)
-        except RPCError as err:
-            activity.logger.warning("signal %s to %s failed: %s", one.signal, one.workflow_id, err)
-            return None
-
-    return SignalBatchResult(sent=list(await asyncio.gather(*(send(x) for x in request.signals))))
-
-
 CONTROL_ACTIVITIES: list[Callable[..., Any]] = [
     request_slot,
     start_run_workflow,
     closed_workflows,
     signal_workflow,
-    signal_workflows,
 ]

@@ -764,17 +764,6 @@ class SignalWorkflowInput(WireModel):
     """The signal's argument as JSON (a model's ``model_dump(mode="json")``)."""
 
 
-class SignalBatch(WireModel):
-    """Signals sent together by the local activity ``signal_workflows``."""
-
-    signals: list[SignalWorkflowInput]
-
-
-class SignalBatchResult(WireModel):
-    sent: list[bool | None]
-    """Per signal: sent, the workflow is gone (False), or not sent (None)."""
-
-
 class AbandonedRuns(WireModel):
     """Which Queued runs an allocation may cancel as abandoned.
 

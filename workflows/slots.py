@@ -6,25 +6,29 @@ maximum duration plus grace) and a periodic reaper asks Temporal whether holders
 running, so a run workflow *terminated* from the CLI (no ``finally`` runs) gets its slot
 back within one reap interval. Signal handlers never raise: one bad message must not fail
 the semaphore every job of the account depends on.
+
+Grants are the workflow's own signals, not local activities: sending them from a local
+activity saved ~3 history events per run, but under heavy load (a local activity outliving
+its workflow task) a replay of this history failed ("Missing associated machine for
+LocalActivity"), and this workflow must always replay: every run of the account waits on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, FailureError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.control import closed_workflows, signal_workflows
+    from activities.control import closed_workflows
     from workflows import constants as c
     from workflows.models import (
         HolderLiveness,
         Rejected,
         Resize,
-        SignalBatch,
-        SignalWorkflowInput,
         SlotGrant,
         SlotHolder,
         SlotRelease,
@@ -62,8 +66,9 @@ class SlotsWorkflow:
                 # Only holders can leak capacity. A dead waiter needs no timer: its grant
                 # fails and the next waiter is served (and a reap pass drops it too).
                 deadlines.append(next_reap)
-            deadline = min(deadlines) if deadlines else None
-            timeout = None if deadline is None else max(deadline - workflow.now(), MIN_WAIT)
+            timeout = None
+            if deadlines:
+                timeout = max(min(deadlines) - workflow.now(), MIN_WAIT)
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
@@ -147,44 +152,22 @@ class SlotsWorkflow:
         self._regrant.clear()
         if not grants and not regrants:
             return
-        targets = [*grants, *regrants]
-        try:
-            # All of this task's grants in one local activity: one marker, and the signals
-            # go out side by side (a storm grants hundreds in one task).
-            batch = await workflow.execute_local_activity(
-                signal_workflows,
-                SignalBatch(
-                    signals=[
-                        SignalWorkflowInput(
-                            workflow_id=h.workflow_id,
-                            signal=c.SIGNAL_SLOT_GRANTED,
-                            payload=SlotGrant(
-                                request_id=h.request_id, granted_at=h.granted_at
-                            ).model_dump(mode="json"),
-                        )
-                        for h in targets
-                    ]
-                ),
-                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
-                retry_policy=c.CONTROL_RETRY,
-                summary=f"grant {len(targets)} slot(s)",
-            )
-            sent: list[bool | None] = batch.sent
-            if len(sent) != len(targets):  # never expected; a mismatch must not fail the task
-                sent = [None] * len(targets)
-        except FailureError as err:  # local activities may fail unwrapped: the common base
-            workflow.logger.warning("grants not sent: %s", err)
-            sent = [None] * len(targets)
-        for holder, result in zip(targets, sent, strict=True):
-            if result is False:
+        results = await asyncio.gather(
+            *(self._signal_grant(h) for h in [*grants, *regrants]), return_exceptions=True
+        )
+        for holder, result in zip([*grants, *regrants], results, strict=True):
+            if isinstance(result, BaseException):
                 # The requester is gone (closed or terminated): free the slot for the next one.
-                workflow.logger.info("grant to %s: workflow gone; freeing", holder.workflow_id)
+                workflow.logger.info("grant to %s failed (%s); freeing", holder.workflow_id, result)
                 self.s.holders = [h for h in self.s.holders if h.request_id != holder.request_id]
                 self._dirty = True
-            elif result is None:
-                # Not delivered (Temporal unreachable?): send it again on the next wake-up
-                # (the reaper's timer at the latest); the holder keeps its slot meanwhile.
-                self._regrant.append(holder.request_id)
+
+    async def _signal_grant(self, holder: SlotHolder) -> None:
+        handle = workflow.get_external_workflow_handle(holder.workflow_id)
+        await handle.signal(
+            c.SIGNAL_SLOT_GRANTED,
+            SlotGrant(request_id=holder.request_id, granted_at=holder.granted_at),
+        )
 
     def _expire_leases(self) -> None:
         now = workflow.now()
