@@ -54,6 +54,30 @@ PROJECT_ID = 1
 SERVER_ACCOUNT = "1"
 
 
+def refused(response: httpx.Response, code: int, *needles: str) -> str:
+    """The response is error ``code`` in dbt Cloud's envelope, and its message names what to
+    fix (holds every needle); returns the message."""
+    assert response.status_code == code, (response.status_code, response.text[:500])
+    body = response.json()
+    assert body["status"]["code"] == code and body["status"]["is_success"] is False, body
+    assert body["data"] is None, body
+    message: str = body["status"]["user_message"]
+    for needle in needles:
+        assert needle in message, (needle, message, response.request.content[:200])
+    return message
+
+
+JOB_CALLS: tuple[tuple[str, str, dict[str, Any] | None], ...] = (
+    ("GET", "", None),
+    ("POST", "", {"name": "mine now"}),
+    ("DELETE", "", None),
+    ("POST", "run/", {"cause": "x"}),
+    ("POST", "rerun/", {}),
+)
+"""Every call on one job (method, path after ``jobs/{id}/``, body): what another account's
+token must find refused as if the job did not exist."""
+
+
 def unique_account() -> str:
     """A digit account id (dbt Cloud clients need digits) no other test uses."""
     return str(10**9 + uuid.uuid4().int % 10**9)

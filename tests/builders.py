@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -101,3 +103,22 @@ async def skip_time(env: WorkflowEnvironment, duration: timedelta) -> None:
     while duration > timedelta(0):
         await env.sleep(min(step, duration))
         duration -= step
+
+
+def decoded_history(history_json: str) -> str:
+    """A history's JSON plus every payload in it decoded (payload data is base64): the text
+    a secret would have to be absent from."""
+    parts = [history_json]
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("data"), str) and "metadata" in node:
+                parts.append(base64.b64decode(node["data"]).decode(errors="replace"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(history_json))
+    return "\n".join(parts)

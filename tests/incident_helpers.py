@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-import httpx
 import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -86,19 +85,6 @@ def duplicates(ids: Iterable[str]) -> int:
 def server_now() -> datetime:
     """The dev server shares this machine's clock."""
     return datetime.now(UTC)
-
-
-def refused(response: httpx.Response, code: int, *needles: str) -> str:
-    """The response is error ``code`` in dbt Cloud's envelope, and its message names what to
-    fix (holds every needle); returns the message."""
-    assert response.status_code == code, (response.status_code, response.text[:500])
-    body = response.json()
-    assert body["status"]["code"] == code and body["status"]["is_success"] is False, body
-    assert body["data"] is None, body
-    message: str = body["status"]["user_message"]
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 def hourly_cron_far_from(now: datetime) -> str:

@@ -15,7 +15,7 @@ from activities.store import RunStore
 from api.app import create_app
 from api.context import ApiContext
 from api.envelope import MAX_BODY_BYTES
-from tests.api_fixtures import ApiStack, serve, unique_account
+from tests.api_fixtures import JOB_CALLS, ApiStack, refused, serve, unique_account
 from workflows.models import AccountSettings, Environment
 
 pytestmark = pytest.mark.devserver
@@ -34,18 +34,6 @@ def counts(api: ApiStack) -> Counts:
         runs=api.store.list_runs(api.account_id).total_count,
         environments=len(api.store.list_environments(api.account_id)),
     )
-
-
-def refused(response: Any, code: int, *needles: str) -> str:
-    """The response is error ``code`` in an envelope whose message holds every needle."""
-    assert response.status_code == code, response.text
-    body = response.json()
-    assert body["status"]["code"] == code and body["status"]["is_success"] is False, body
-    assert body["data"] is None, body
-    message: str = body["status"]["user_message"]
-    for needle in needles:
-        assert needle in message, (needle, message, response.request.content[:200])
-    return message
 
 
 def job_body(api: ApiStack, **fields: Any) -> dict[str, Any]:
@@ -167,13 +155,7 @@ async def test_unknown_and_other_accounts_jobs_and_runs_are_404s(api: ApiStack) 
     their_run = theirs_run.json()["data"]["id"]
     before = counts(api)
     for job_id in (their_id, 424242):
-        for method, suffix, body in (
-            ("GET", "", None),
-            ("POST", "", {"name": "mine now"}),
-            ("DELETE", "", None),
-            ("POST", "run/", {"cause": "x"}),
-            ("POST", "rerun/", {}),
-        ):
+        for method, suffix, body in JOB_CALLS:
             response = await api.http.request(method, f"{api.v2}/jobs/{job_id}/{suffix}", json=body)
             refused(response, 404, f"Job {job_id} not found")
     for run_id in (their_run, 424242):

@@ -26,14 +26,13 @@ from temporalio.exceptions import FailureError
 from temporalio.service import RPCError
 
 from starter import jobs
-from tests.api_fixtures import ApiStack
+from tests.api_fixtures import ApiStack, refused
 from tests.builders import job, wait_for, wait_run
 from tests.incident_helpers import (
     Figures,
     SlotSampler,
     duplicates,
     hourly_cron_far_from,
-    refused,
     server_now,
     start_job_with_state,
 )

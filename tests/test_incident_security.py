@@ -14,7 +14,6 @@ and no request can make the API fail or leave a run stuck.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import importlib
@@ -39,10 +38,10 @@ from activities.signing import github_secret, server_key
 from api.app import create_app
 from api.context import ApiContext
 from starter import jobs
-from tests.api_fixtures import SAMPLE, ApiStack, serve, unique_account
-from tests.builders import wait_for, wait_run
+from tests.api_fixtures import JOB_CALLS, SAMPLE, ApiStack, refused, serve, unique_account
+from tests.builders import decoded_history, wait_for, wait_run
 from tests.conftest import new_store, running_stack
-from tests.incident_helpers import Figures, duplicates, refused
+from tests.incident_helpers import Figures, duplicates
 from workflows import constants as c
 from workflows.models import AccountSettings, Environment, RunStatus
 
@@ -132,13 +131,7 @@ async def test_no_account_reaches_another_through_the_api_or_its_webhooks(
     attempts = 0
     # A's token, A's path, B's ids: as if they did not exist.
     for job_id in (b_daily["id"], b_gated["id"], b_ci["id"]):
-        for method, suffix, body in (
-            ("GET", "", None),
-            ("POST", "", {"name": "mine now"}),
-            ("DELETE", "", None),
-            ("POST", "run/", {"cause": "x"}),
-            ("POST", "rerun/", {}),
-        ):
+        for method, suffix, body in JOB_CALLS:
             response = await api.http.request(method, f"{api.v2}/jobs/{job_id}/{suffix}", json=body)
             refused(response, 404, f"Job {job_id} not found")
             attempts += 1
@@ -220,24 +213,6 @@ PASSWORD = "pw-" + uuid.uuid4().hex
 ECHOED = "tok-" + uuid.uuid4().hex
 
 
-def _decoded_history(history_json: str) -> str:
-    """Every payload of a history, decoded, joined (what a secret would hide in)."""
-    parts: list[str] = [history_json]
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("data"), str) and "metadata" in node:
-                parts.append(base64.b64decode(node["data"]).decode(errors="replace"))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(history_json))
-    return "\n".join(parts)
-
-
 async def test_a_secret_set_on_an_environment_never_leaves_the_worker(
     dev_env: WorkflowEnvironment,
     tmp_path: Path,
@@ -316,7 +291,7 @@ async def test_a_secret_set_on_an_environment_never_leaves_the_worker(
             ):
                 assert (await call("GET", path)).status_code == 200, path
         histories = [
-            _decoded_history((await client.get_workflow_handle(w).fetch_history()).to_json())
+            decoded_history((await client.get_workflow_handle(w).fetch_history()).to_json())
             for w in (
                 c.job_workflow_id(acct, str(job_id)),
                 c.run_workflow_id(acct, str(run_id)),

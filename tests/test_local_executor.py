@@ -4,7 +4,6 @@ rerun from failure with ``dbt retry``, the dbt version check."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.artifacts import LocalArtifactStore, StepKey
 from activities.local import LocalExecutor, LocalExecutorSettings, installed_dbt_version
 from starter import jobs
-from tests.builders import account, wait_for, wait_run
+from tests.builders import account, decoded_history, wait_for, wait_run
 from tests.conftest import new_store, running_stack, unique
 from workflows import constants as c
 from workflows.errors import MEMORY_LIMIT_MESSAGE
@@ -193,24 +192,6 @@ PASSWORD = "pw-51e0-never-in-clear"
 TOKEN = "tok-0f3a-never-in-clear"
 
 
-def _decoded_history(history_json: str) -> str:
-    """A history's JSON plus every payload in it decoded (payload data is base64)."""
-    parts = [history_json]
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("data"), str) and "metadata" in node:
-                parts.append(base64.b64decode(node["data"]).decode(errors="replace"))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(history_json))
-    return "\n".join(parts)
-
-
 async def test_a_secret_in_the_profile_never_reaches_history_logs_or_leftover_files(
     dev_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
@@ -249,7 +230,7 @@ async def test_a_secret_in_the_profile_never_reaches_history_logs_or_leftover_fi
     # would have failed to load the profile.
     assert run.status == RunStatus.SUCCESS, run.status_message
     for history in histories:
-        text = _decoded_history(history.to_json())
+        text = decoded_history(history.to_json())
         assert "{{ secret('WAREHOUSE_PASSWORD') }}" in text, "references travel verbatim"
         assert PASSWORD not in text and TOKEN not in text
     log = (await store.read_log(StepKey(acct, res.run_id, 1))).data

@@ -540,7 +540,6 @@ class JobWorkflow:
             pr_id=queued.trigger.pr_id,
             queued_at=queued.queued_at,
             started_at=workflow.now(),
-            generation=self.st.generation,
         )
         self.st.in_flight.append(flight)
         run_input = RunInput(

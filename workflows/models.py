@@ -470,7 +470,7 @@ class InFlightRun(WireModel):
     queued_at: datetime
     started_at: datetime
     generation: int = 0
-    """Job generation that started it: a later generation has no child handle for it."""
+    """Unused since runs stopped being child workflows; kept so earlier payloads parse."""
 
 
 class FinishedRun(WireModel):
