@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from temporalio import activity
 
+from workflows.errors import run_timed_out
 from workflows.models import (
     ArtifactsInput,
     ArtifactsResult,
@@ -73,7 +75,8 @@ class ExecutorActivities:
         # history on a timeout, and dbt output can hold a DSN or a password. A hung dbt
         # process is bounded by the run timeout, which the executor also enforces.
         outcome = await self._with_heartbeats(
-            self._executor.run_step(request, progress), lambda: f"{lines} lines of output"
+            _until_deadline(self._executor.run_step(request, progress), request),
+            lambda: f"{lines} lines of output",
         )
         if request.cleanup_after:
             cleanup = CleanupInput(
@@ -113,3 +116,21 @@ class ExecutorActivities:
             return await work
         finally:
             ticker.cancel()
+
+
+async def _until_deadline(work: Awaitable[T], request: StepInput) -> T:
+    """Run ``work`` until the run's deadline, if it has one; then cancel it (the executor
+    kills the step's process on cancellation) and fail with ``RunTimeout``.
+
+    Enforced here, around every executor, rather than by a timer in the run workflow: the
+    step's activity is what runs at the deadline, and a timer costs the run two events.
+    """
+    if request.deadline is None:
+        return await work
+    remaining = (request.deadline - datetime.now(UTC)).total_seconds()
+    try:
+        return await asyncio.wait_for(work, timeout=max(remaining, 0.0))
+    except TimeoutError:
+        raise run_timed_out(
+            f"step {request.index} stopped at the run's deadline ({request.deadline:%H:%M:%S} UTC)"
+        ) from None

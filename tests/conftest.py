@@ -26,7 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.executor import Executor
 from activities.store import RunStore
-from activities.telemetry import LogSink, TelemetrySink
+from activities.telemetry import LogSink, TelemetryQueue, TelemetrySink
 from activities.webhooks import WebhookConfig
 from tests.fakes import FakeDbtExecutor
 from worker.registry import Pools, build_workers
@@ -134,6 +134,8 @@ async def running_stack(
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="runslot-"))
             store = new_store(Path(directory))
             stack.callback(store.close)
+        queue = TelemetryQueue(telemetry or LogSink())
+        stack.push_async_callback(queue.aclose)  # after the workers stop
         workers = build_workers(
             client,
             Pools(
@@ -141,6 +143,7 @@ async def running_stack(
                 telemetry=telemetry or LogSink(),
                 store=store,
                 webhooks=webhooks,
+                telemetry_queue=queue,
             ),
             which=which,
             queues=queues,

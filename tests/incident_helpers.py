@@ -28,7 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.executor import Executor
 from activities.store import RunStore
-from activities.telemetry import LogSink, TelemetrySink
+from activities.telemetry import LogSink, TelemetryQueue, TelemetrySink
 from starter import jobs
 from tests.conftest import fresh_queues
 from worker.registry import Pools, build_workers
@@ -110,9 +110,12 @@ async def workers(
     """Real workers of the three pools on ``queues`` (fresh ones by default)."""
     queues = queues or fresh_queues()
     async with AsyncExitStack() as stack:
+        sink = telemetry or LogSink()
+        queue = TelemetryQueue(sink)
+        stack.push_async_callback(queue.aclose)  # after the workers stop
         for worker in build_workers(
             client,
-            Pools(executor=executor, telemetry=telemetry or LogSink(), store=store),
+            Pools(executor=executor, telemetry=sink, store=store, telemetry_queue=queue),
             queues=queues,
             max_concurrent_steps=max_concurrent_steps,
             step_activities_per_second=step_activities_per_second,

@@ -23,8 +23,10 @@ from workflows import constants as c
 from workflows.models import RunStatus, TriggerRequest
 
 RUNS = 5
-RUN_BUDGET = 42
-"""Events of a one-step run workflow (was 62 before issue 6)."""
+RUN_BUDGET = 29
+"""Events of a one-step run workflow (62 before issue 6): start, slot request (a marker) and
+queue-wait timer, grant, Starting snapshot and prep, Running report and the step, the final
+report (release, snapshot, the job's signal, webhooks, telemetry hand-off), completion."""
 JOB_BUDGET_PER_RUN = 14
 """Events a run adds to its job: the trigger update, the start, the end (no child events)."""
 SLOTS_BUDGET_PER_RUN = 16
@@ -69,3 +71,9 @@ async def test_a_one_step_run_stays_within_its_history_budget(
     assert not any(kind.startswith(("START_CHILD", "CHILD_")) for kind in job_events)
     # One timer per run at most (the check on runs in flight, cancelled by the run's end).
     assert job_events["TIMER_CANCELED"] <= RUNS, job_events
+    for run in runs:
+        # No telemetry activity (the final report hands it off), no run-timeout timer (the
+        # step's deadline), no search attribute for Starting: Running and the final status.
+        assert run["ACTIVITY_TASK_SCHEDULED"] == 2, run  # prep, the step
+        assert run["TIMER_STARTED"] == 1, run  # the queue wait
+        assert run["UPSERT_WORKFLOW_SEARCH_ATTRIBUTES"] == 2, run

@@ -26,7 +26,7 @@ from activities.local import LocalExecutor, LocalExecutorSettings
 from activities.secrets import SecretError, worker_secrets
 from activities.signing import SigningKeyError, server_key
 from activities.store import RunStore
-from activities.telemetry import build_sink
+from activities.telemetry import TelemetryQueue, build_sink
 from activities.webhooks import WebhookConfig
 from starter.client import connect_retrying
 from worker.logging import LogLevel, configure_logging
@@ -195,9 +195,11 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
             workspace_root=settings.workspace_root, secrets_file=settings.secrets_file
         )
     )
-    # Only the telemetry pool emits: the other pools keep the (unused) log sink.
+    # The workflow pool emits (each run's final report hands its telemetry to a queue), and
+    # the telemetry pool for runs whose report failed; the steps pool keeps the unused log sink.
+    emits = {Pool.WORKFLOWS.value, Pool.TELEMETRY.value} & set(settings.pool_names)
     telemetry = build_sink(
-        settings.telemetry_exporter if Pool.TELEMETRY.value in settings.pool_names else "log",
+        settings.telemetry_exporter if emits else "log",
         client=client,
         otlp_endpoint=settings.otlp_endpoint,
         export_interval_seconds=settings.telemetry_export_interval_seconds,
@@ -221,9 +223,16 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
                 store.close()
             return 1
         webhooks = WebhookConfig(signing_key=key)
+    queue = TelemetryQueue(telemetry)
     workers = build_workers(
         client,
-        Pools(executor=executor, telemetry=telemetry, store=store, webhooks=webhooks),
+        Pools(
+            executor=executor,
+            telemetry=telemetry,
+            store=store,
+            webhooks=webhooks,
+            telemetry_queue=queue,
+        ),
         which=settings.pool_names,
         max_concurrent_steps=settings.max_concurrent_steps,
         step_activities_per_second=settings.step_activities_per_second,
@@ -236,6 +245,7 @@ async def _run_workers(client: Client, settings: WorkerSettings, stop: asyncio.E
         async with AsyncExitStack() as stack:
             # Entered first, so left last: the sink flushes after the workers stopped.
             await stack.enter_async_context(telemetry)
+            stack.push_async_callback(queue.aclose)  # after the workers, before the sink
             for worker in workers:
                 await stack.enter_async_context(worker)
             log.info(

@@ -13,9 +13,10 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.control import CONTROL_ACTIVITIES
 from activities.executor import Executor, ExecutorActivities
+from activities.report import RunReporter
 from activities.store import RunStore
 from activities.store.activities import StoreActivities
-from activities.telemetry import TelemetryActivities, TelemetrySink
+from activities.telemetry import TelemetryActivities, TelemetryQueue, TelemetrySink
 from activities.webhooks import WebhookActivities, WebhookConfig, WebhookPublisher
 from workflows.job import JobWorkflow
 from workflows.models import TaskQueues
@@ -47,6 +48,9 @@ class Pools:
     job-completion fan-out, webhook subscriptions); the telemetry pool reads subscriptions
     and writes the webhook delivery log. Required by those two pools."""
     webhooks: WebhookConfig | None = None
+    telemetry_queue: TelemetryQueue | None = None
+    """Where the workflow pool hands finished runs' telemetry (over ``telemetry``); the
+    owner closes it after the workers stop, to emit what is left. None: one is made here."""
     """The signing key (telemetry pool) and delivery policy (workflow pool) of outgoing
     webhooks. None: the telemetry pool refuses deliveries (non-retryable), the constants'
     policy applies."""
@@ -73,6 +77,7 @@ def build_workers(
     if "workflows" in which:
         if pools.store is None:
             raise ValueError("the workflows pool needs the run store (Pools.store)")
+        publisher = WebhookPublisher(pools.store, pools.webhooks.policy if pools.webhooks else None)
         workers.append(
             Worker(
                 client,
@@ -83,9 +88,12 @@ def build_workers(
                 activities=[
                     *CONTROL_ACTIVITIES,
                     *StoreActivities(pools.store).all(),
-                    WebhookPublisher(
-                        pools.store, pools.webhooks.policy if pools.webhooks else None
-                    ).publish_run_event,
+                    publisher.publish_run_event,
+                    RunReporter(
+                        pools.store,
+                        publisher,
+                        pools.telemetry_queue or TelemetryQueue(pools.telemetry),
+                    ).report_run,
                 ],
                 workflow_runner=workflow_runner(),
                 max_cached_workflows=max_cached_workflows,

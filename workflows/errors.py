@@ -20,9 +20,11 @@ class ErrorType:
     """The process could not even start (bad binary, bad environment): fails this run only."""
     MEMORY_LIMIT = "MemoryLimitExceeded"
     PREP_FAILED = "PrepFailed"
+    RUN_TIMEOUT = "RunTimeout"
+    """The step was stopped at the run's deadline (the job's timeout)."""
     INVALID_PAYLOAD = "InvalidPayload"
 
-    NON_RETRYABLE = (STEP_FAILED, STEP_START_FAILED, MEMORY_LIMIT, INVALID_PAYLOAD)
+    NON_RETRYABLE = (STEP_FAILED, STEP_START_FAILED, MEMORY_LIMIT, INVALID_PAYLOAD, RUN_TIMEOUT)
 
 
 def step_failed(message: str, exit_code: int | None) -> ApplicationError:
@@ -39,3 +41,7 @@ def memory_limit_exceeded() -> ApplicationError:
 
 def prep_failed(message: str, *, retryable: bool) -> ApplicationError:
     return ApplicationError(message, type=ErrorType.PREP_FAILED, non_retryable=not retryable)
+
+
+def run_timed_out(message: str) -> ApplicationError:
+    return ApplicationError(message, type=ErrorType.RUN_TIMEOUT, non_retryable=True)

@@ -663,6 +663,10 @@ class StepInput(WireModel):
     argv: list[str]
     memory_limit_mb: int | None = None
     timeout_seconds: float | None = None
+    """The executor's own bound on the step (the run's timeout plus a grace period)."""
+    deadline: datetime | None = None
+    """The run's timeout as a moment: the step is stopped then and fails with ``RunTimeout``
+    (enforced around every executor, so the run needs no timer of its own)."""
     cleanup_after: bool = False
     """The run's last step: remove the workspace once it succeeds (saves the run a cleanup
     activity). A failed step leaves it to the run's ``cleanup_run``."""
@@ -706,7 +710,7 @@ class DropSchemaInput(WireModel):
 
 
 class TelemetryEvent(WireModel):
-    """Post-run telemetry: sent after the slot is released, on its own task queue."""
+    """Post-run telemetry: handed off after the slot is released (``TelemetryQueue``)."""
 
     run: RunResult
 
@@ -873,6 +877,25 @@ class RunEventInput(WireModel):
 class PublishResult(WireModel):
     deliveries: int = 0
     """Deliveries handed to the account's webhooks workflow (0: no subscription wanted it)."""
+
+
+class ReportRunInput(WireModel):
+    """A run's report, in the order the parts are carried out (local activity ``report_run``):
+    ``release`` (the slot), ``record`` (the snapshot), ``finished`` (the job's signal),
+    ``publish`` (webhook events). One marker in the run's history where the parts alone are
+    one each. Every part is idempotent, so a failed attempt repeats them all."""
+
+    record: RecordRunInput
+    release: SignalWorkflowInput | None = None
+    finished: SignalWorkflowInput | None = None
+    publish: RunEventInput | None = None
+    telemetry: bool = False
+    """Hand the run (``record.run``) to the worker's telemetry queue, after everything else."""
+
+
+class ReportRunResult(WireModel):
+    record: RecordRunResult
+    deliveries: int = 0
 
 
 class RunEventData(WireModel):

@@ -16,8 +16,7 @@ run is 42 events, where it was 62.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -45,6 +44,8 @@ with workflow.unsafe.imports_passed_through():
         PublishResult,
         RecordRunInput,
         RecordRunResult,
+        ReportRunInput,
+        ReportRunResult,
         RunEventInput,
         RunFinished,
         RunInput,
@@ -77,6 +78,10 @@ class RunWorkflow:
         self._main: asyncio.Task[RunResult] | None = None
         self._seq = 0  # run store snapshots written so far
         self._cleaned_up = False  # the last step removed the workspace
+        # The run's timeout as a moment, set when it leaves the queue. Enforced by the
+        # activities (prep's schedule-to-close, the step's deadline), not by a timer.
+        self._deadline: datetime | None = None
+        self._timed_out = False
         self.r = RunResult(
             run_id=inp.run_id,
             account_id=inp.account.account_id,
@@ -145,9 +150,21 @@ class RunWorkflow:
 
     async def _start_and_execute(self, prepared: list[PreparedRun]) -> None:
         self.r.dequeued_at = workflow.now()
-        self._set_status(RunStatus.STARTING, "preparing")
+        # No search attribute for Starting (prep is short; each upsert is an event and a
+        # visibility write): RunslotStatus goes Queued → Running → the final status.
+        self._set_status(RunStatus.STARTING, "preparing", search_attribute=False)
         await self._store()
-        await self._execute_with_timeout(prepared)
+        self._deadline = self.r.dequeued_at + self._run_timeout()
+        await self._execute(prepared)
+        if self._timed_out:
+            timeout = self._run_timeout()
+            self.r.status = RunStatus.ERROR
+            self.r.status_message = policy.run_timeout_message(timeout)
+            for step in self.r.steps:
+                if not step.status.is_finished or step.status == RunStatus.ERROR:
+                    step.status = RunStatus.ERROR
+                    step.finished_at = step.finished_at or workflow.now()
+                    step.message = "stopped by the run timeout"
 
     async def _acquire_slot(self) -> bool:
         """Wait for a slot within the queue-wait budget. False if the run was cancelled."""
@@ -191,28 +208,6 @@ class RunWorkflow:
         cap = self.inp.account.max_run_duration
         return min(timedelta(seconds=seconds), cap) if seconds else cap
 
-    async def _execute_with_timeout(self, prepared: list[PreparedRun]) -> None:
-        timeout = self._run_timeout()
-        body = asyncio.create_task(self._execute(prepared))
-        try:
-            await workflow.wait_condition(body.done, timeout=timeout, timeout_summary="run timeout")
-        except TimeoutError:
-            body.cancel()
-            await _settle(body)
-            self.r.status = RunStatus.ERROR
-            self.r.status_message = policy.run_timeout_message(timeout)
-            for step in self.r.steps:
-                if not step.status.is_finished:
-                    step.status = RunStatus.ERROR
-                    step.finished_at = workflow.now()
-                    step.message = "stopped by the run timeout"
-            return
-        except asyncio.CancelledError:
-            body.cancel()
-            await _settle(body)
-            raise
-        await body
-
     async def _execute(self, prepared: list[PreparedRun]) -> None:
         inp, job = self.inp, self.inp.job
         overrides = inp.trigger.overrides
@@ -221,6 +216,9 @@ class RunWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, CancelledError):
                 raise asyncio.CancelledError from err
+            if self._past_deadline(err):
+                self._timed_out = True
+                return
             # A run that cannot be prepared fails alone, saying why (a missing project, an
             # unavailable dbt version, a secret the worker lacks): never "internal error".
             self.r.status = RunStatus.ERROR
@@ -231,9 +229,12 @@ class RunWorkflow:
         self.r.git_sha = prepared[0].git_sha
         self.r.dbt_version = prepared[0].dbt_version or None
         steps = policy.planned_steps(job, overrides)
-        step_timeout = self._run_timeout() + STEP_GRACE
         for index, argv in enumerate(steps, start=1):
             now = workflow.now()
+            if self._remaining() <= timedelta(0):
+                self._timed_out = True
+                return
+            step_timeout = self._remaining() + STEP_GRACE
             if index == 1:
                 self.r.started_at = now
                 self._set_status(RunStatus.RUNNING, "running steps")
@@ -244,8 +245,7 @@ class RunWorkflow:
             self.r.steps.append(step)
             workflow.set_current_details(f"step {index}/{len(steps)}: {' '.join(argv)[:120]}")
             if index == 1:
-                # Side by side: two local activities in one workflow task, no added wait.
-                await asyncio.gather(self._store(), self._publish(c.EVENT_RUN_STARTED))
+                await self._report(publish=(c.EVENT_RUN_STARTED,))
             else:
                 await self._store()
             try:
@@ -259,6 +259,7 @@ class RunWorkflow:
                         argv=argv,
                         memory_limit_mb=inp.account.run_memory_limit_mb,
                         timeout_seconds=step_timeout.total_seconds(),
+                        deadline=self._deadline,
                         cleanup_after=index == len(steps),
                     ),
                     result_type=StepOutcome,
@@ -270,22 +271,7 @@ class RunWorkflow:
                     summary=" ".join(argv)[:200],
                 )
             except ActivityError as err:
-                step.finished_at = workflow.now()
-                # No outcome on failure, but the log was streamed under a known key.
-                step.log_key = StepKey(inp.account.account_id, inp.run_id, index).log_key
-                if isinstance(err.cause, CancelledError):
-                    # WAIT_CANCELLATION_COMPLETED: the process is dead; carry the cancel on.
-                    step.status = RunStatus.CANCELLED
-                    raise asyncio.CancelledError from err
-                step.status = RunStatus.ERROR
-                step.message = _failure_message(err)
-                step.exit_code = _exit_code(err)
-                self.r.status = RunStatus.ERROR
-                self.r.status_message = (
-                    step.message
-                    if step.message == MEMORY_LIMIT_MESSAGE
-                    else f"Step {index} ({step.name}) failed: {step.message}"
-                )
+                self._step_failed(step, err)
                 return
             step.status = RunStatus.SUCCESS
             step.exit_code = outcome.exit_code
@@ -295,6 +281,28 @@ class RunWorkflow:
             self._cleaned_up = outcome.cleaned_up
         # Artifacts are stored by each step as it ends (``StepOutcome.artifacts``).
         self.r.status = RunStatus.SUCCESS
+
+    def _step_failed(self, step: StepResult, err: ActivityError) -> None:
+        """Record how a step's activity failed; a cancel carries on as a cancel."""
+        step.finished_at = workflow.now()
+        # No outcome on failure, but the log was streamed under a known key.
+        step.log_key = StepKey(self.inp.account.account_id, self.inp.run_id, step.index).log_key
+        if isinstance(err.cause, CancelledError):
+            # WAIT_CANCELLATION_COMPLETED: the process is dead; carry the cancel on.
+            step.status = RunStatus.CANCELLED
+            raise asyncio.CancelledError from err
+        step.status = RunStatus.ERROR
+        if self._past_deadline(err):
+            self._timed_out = True
+            return
+        step.message = _failure_message(err)
+        step.exit_code = _exit_code(err)
+        self.r.status = RunStatus.ERROR
+        self.r.status_message = (
+            step.message
+            if step.message == MEMORY_LIMIT_MESSAGE
+            else f"Step {step.index} ({step.name}) failed: {step.message}"
+        )
 
     async def _prepare(self) -> PreparedRun:
         """The run's workspace: project checked out, profile rendered (an activity)."""
@@ -326,6 +334,8 @@ class RunWorkflow:
             result_type=PreparedRun,
             task_queue=self.inp.queues.steps,
             start_to_close_timeout=c.PREP_TIMEOUT,
+            # Prep, retries included, ends by the run's deadline.
+            schedule_to_close_timeout=max(self._remaining(), MIN_WAIT),
             heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
             retry_policy=c.PREP_RETRY,
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
@@ -337,33 +347,34 @@ class RunWorkflow:
         """Release → status → tell the job → webhooks → clean up → telemetry. Each part is
         best effort."""
         account_id = self.inp.account.account_id
-        if slot_requested:
-            # The reaper frees the slot if this fails.
-            await self._signal(
-                c.slots_workflow_id(account_id),
-                c.SIGNAL_SLOT_RELEASE,
-                SlotRelease(request_id=self.inp.run_id).model_dump(mode="json"),
-            )
         self.r.finished_at = workflow.now()
         self._set_status(self.r.status, self.r.status.humanized)
-        await self._store(final=True)
-        # The job also checks on runs that never report (terminated, failed workflow).
-        await self._signal(
-            self.inp.job_workflow_id,
-            c.SIGNAL_RUN_FINISHED,
-            RunFinished(
+        # Release (the reaper frees the slot if this fails) → final status → tell the job
+        # (it also checks on runs that never report) → webhooks, after the final status is
+        # in the store (a receiver may read the run back).
+        release = None
+        if slot_requested:
+            release = SignalWorkflowInput(
+                workflow_id=c.slots_workflow_id(account_id),
+                signal=c.SIGNAL_SLOT_RELEASE,
+                payload=SlotRelease(request_id=self.inp.run_id).model_dump(mode="json"),
+            )
+        finished = SignalWorkflowInput(
+            workflow_id=self.inp.job_workflow_id,
+            signal=c.SIGNAL_RUN_FINISHED,
+            payload=RunFinished(
                 run_id=self.inp.run_id,
                 status=self.r.status,
                 message=self.r.status_message,
                 finished_at=self.r.finished_at,
             ).model_dump(mode="json"),
         )
-        # After the final status is in the store (a receiver may read the run back) and after
-        # the job is told (its next run never waits for this).
+        events: tuple[str, ...] = (c.EVENT_RUN_COMPLETED,)
         if self.r.status == RunStatus.ERROR:
-            await self._publish(c.EVENT_RUN_COMPLETED, c.EVENT_RUN_ERRORED)
-        else:
-            await self._publish(c.EVENT_RUN_COMPLETED)
+            events = (c.EVENT_RUN_COMPLETED, c.EVENT_RUN_ERRORED)
+        reported = await self._report(
+            final=True, release=release, finished=finished, publish=events, telemetry=True
+        )
         if prepared and not self._cleaned_up:
             try:
                 await workflow.execute_activity(
@@ -381,6 +392,8 @@ class RunWorkflow:
                 )
             except ActivityError as err:
                 workflow.logger.warning("cleanup of %s failed: %s", self.inp.run_id, err)
+        if reported:
+            return  # the report handed the telemetry to the worker's queue
         try:
             await workflow.execute_activity(
                 "emit_run_telemetry",
@@ -394,6 +407,58 @@ class RunWorkflow:
         except ActivityError as err:
             # Telemetry never changes a run's status (dbt Cloud, February 2026).
             workflow.logger.warning("telemetry for %s failed: %s", self.inp.run_id, err)
+
+    async def _report(
+        self,
+        *,
+        final: bool = False,
+        release: SignalWorkflowInput | None = None,
+        finished: SignalWorkflowInput | None = None,
+        publish: tuple[str, ...] = (),
+        telemetry: bool = False,
+    ) -> bool:
+        """Release, snapshot, tell the job, publish, hand off telemetry: one local activity
+        (one marker). False if it failed for good (a store down for ~12 minutes at the end):
+        then each part is tried again on its own (telemetry by the caller), so the slot, the
+        job and the webhooks never depend on the store."""
+        self._seq += 1
+        try:
+            await workflow.execute_local_activity(
+                "report_run",
+                ReportRunInput(
+                    record=RecordRunInput(run=self.r, seq=self._seq),
+                    release=release,
+                    finished=finished,
+                    publish=self._event(*publish) if publish else None,
+                    telemetry=telemetry,
+                ),
+                result_type=ReportRunResult,
+                start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
+                retry_policy=c.STORE_FINAL_RETRY if final else c.STORE_RETRY,
+                summary=f"report run {self.inp.run_id} ({self.r.status.humanized})",
+            )
+        except FailureError as err:
+            workflow.logger.warning("run %s not reported at once: %s", self.inp.run_id, err)
+            for part in (release, finished):
+                if part is not None:
+                    await self._signal(part.workflow_id, part.signal, part.payload)
+            if publish:
+                await self._publish(*publish)
+            return False
+        return True
+
+    def _remaining(self) -> timedelta:
+        """Time left before the run's deadline (its timeout)."""
+        if self._deadline is None:
+            return self._run_timeout()
+        return self._deadline - workflow.now()
+
+    def _past_deadline(self, err: ActivityError) -> bool:
+        """Did this activity end because the run reached its timeout?"""
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == ErrorType.RUN_TIMEOUT:
+            return True
+        return isinstance(cause, TemporalTimeoutError) and self._remaining() <= timedelta(0)
 
     async def _signal(self, workflow_id: str, signal: str, payload: dict[str, Any]) -> None:
         """Signal another workflow from a local activity (best effort, logged on failure).
@@ -445,21 +510,7 @@ class RunWorkflow:
         try:
             await workflow.execute_local_activity(
                 "publish_run_event",
-                RunEventInput(
-                    account_id=self.inp.account.account_id,
-                    job_id=self.inp.job.job_id,
-                    run_id=self.inp.run_id,
-                    event_types=list(event_types),
-                    occurred_at=workflow.now(),
-                    status=self.r.status,
-                    status_message=self.r.status_message,
-                    cause=self.inp.trigger.cause,
-                    cause_text=self.inp.trigger.cause_text,
-                    started_at=self.r.started_at,
-                    finished_at=self.r.finished_at,
-                    dbt_version=self.r.dbt_version,
-                    queues=self.inp.queues,
-                ),
+                self._event(*event_types),
                 result_type=PublishResult,
                 start_to_close_timeout=c.WEBHOOK_PUBLISH_TIMEOUT,
                 retry_policy=c.WEBHOOK_PUBLISH_RETRY,
@@ -470,16 +521,30 @@ class RunWorkflow:
                 "run %s: %s not published: %s", self.inp.run_id, "/".join(event_types), err
             )
 
-    def _set_status(self, status: RunStatus, details: str) -> None:
+    def _event(self, *event_types: str) -> RunEventInput:
+        return RunEventInput(
+            account_id=self.inp.account.account_id,
+            job_id=self.inp.job.job_id,
+            run_id=self.inp.run_id,
+            event_types=list(event_types),
+            occurred_at=workflow.now(),
+            status=self.r.status,
+            status_message=self.r.status_message,
+            cause=self.inp.trigger.cause,
+            cause_text=self.inp.trigger.cause_text,
+            started_at=self.r.started_at,
+            finished_at=self.r.finished_at,
+            dbt_version=self.r.dbt_version,
+            queues=self.inp.queues,
+        )
+
+    def _set_status(
+        self, status: RunStatus, details: str, *, search_attribute: bool = True
+    ) -> None:
         self.r.status = status
-        workflow.upsert_search_attributes([c.SA_STATUS.value_set(status.humanized)])
+        if search_attribute:
+            workflow.upsert_search_attributes([c.SA_STATUS.value_set(status.humanized)])
         workflow.set_current_details(f"**{status.humanized}**: {details}")
-
-
-async def _settle(task: asyncio.Task[None]) -> None:
-    """Wait for a cancelled task to finish its cleanup, swallowing its cancellation."""
-    with contextlib.suppress(asyncio.CancelledError, ActivityError):
-        await task
 
 
 def _failure_message(err: ActivityError) -> str:

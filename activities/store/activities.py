@@ -52,7 +52,7 @@ class StoreActivities:
             )
             return UpsertJobResult(id=job_id, job_id=request.job.job_id)
 
-        return await _in_thread(work)
+        return await in_thread(work)
 
     @activity.defn(name="store_allocate_run")
     async def allocate_run(self, request: AllocateRunInput) -> AllocateRunResult:
@@ -66,15 +66,15 @@ class StoreActivities:
             )
             return AllocateRunResult(id=run_id, run_id=str(run_id))
 
-        return await _in_thread(work)
+        return await in_thread(work)
 
     @activity.defn(name="store_record_run")
     async def record_run(self, request: RecordRunInput) -> RecordRunResult:
-        return await _in_thread(lambda: self._store.record_run(request))
+        return await in_thread(lambda: self._store.record_run(request))
 
     @activity.defn(name="store_rerun_plan")
     async def rerun_plan(self, request: RerunPlanInput) -> RerunPlan:
-        return await _in_thread(
+        return await in_thread(
             lambda: self._store.rerun_plan(request.account_id, request.job_id, request.run_id)
         )
 
@@ -86,7 +86,7 @@ class StoreActivities:
         is skipped; any other failure fails the call, and a retry signals again, which the
         dependents deduplicate (``upstream:{job}:{run}``).
         """
-        dependents = await _in_thread(
+        dependents = await in_thread(
             lambda: self._store.dependent_jobs(request.account_id, request.job_id)
         )
         client = activity.client()
@@ -120,7 +120,7 @@ class StoreActivities:
         ]
 
 
-async def _in_thread(work: Callable[[], T]) -> T:
+async def in_thread(work: Callable[[], T]) -> T:
     try:
         return await asyncio.to_thread(work)
     except StoreError as err:
