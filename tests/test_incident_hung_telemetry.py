@@ -45,7 +45,8 @@ the signals delivered before it; the margin only covers the two clocks' reading 
 class MisbehavingSink:
     """Telemetry that never returns for the first half of the runs (the store allocates run
     ids 1, 2, ... in trigger order) and raises for the second half. (Hung calls end with
-    their schedule-to-close timeout, 30 s later: first, they overlap the failing half.)"""
+    the telemetry queue's timeout, 10 s per attempt, 2 attempts; 50 at a time, so the
+    failing half's calls wait behind them and many are still queued when the test ends.)"""
 
     def __init__(self) -> None:
         self.attempts: dict[str, int] = defaultdict(int)

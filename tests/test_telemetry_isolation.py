@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from activities.telemetry import TelemetryQueue
 from starter import jobs
 from tests.builders import account, job, wait_for, wait_run
 from tests.conftest import running_stack, unique
 from tests.fakes import FakeDbtExecutor
-from workflows.models import RunStatus, TelemetryEvent, TriggerRequest
+from workflows import constants as c
+from workflows.models import RunResult, RunStatus, TelemetryEvent, TriggerCause, TriggerRequest
 
 pytestmark = pytest.mark.devserver
 
@@ -71,3 +74,43 @@ async def test_hung_telemetry_never_holds_a_slot_and_the_next_run_starts_at_once
         result = await wait_run(client, acct, first.run_id, timeout=60)
         await wait_run(client, acct, second.run_id, timeout=60)
     assert result.status == RunStatus.SUCCESS
+
+
+class CountingHangingSink:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = 0
+
+    async def emit(self, event: TelemetryEvent) -> None:
+        self.calls += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+def _event(run_id: str) -> TelemetryEvent:
+    return TelemetryEvent(
+        run=RunResult(
+            run_id=run_id, account_id="a", job_id="j", status=RunStatus.SUCCESS,
+            cause=TriggerCause.API, created_at=datetime(2026, 3, 1, tzinfo=UTC),
+        )
+    )  # fmt: skip
+
+
+async def test_the_telemetry_queue_never_waits_drops_what_does_not_fit_and_bounds_each_emit() -> (
+    None
+):
+    """What a run's report hands its telemetry to: ``submit`` returns at once, a full queue
+    drops (and counts) instead of growing, and every hung emit is cut at its timeout, at
+    most ``attempts`` times, ``concurrency`` at a time."""
+    sink = CountingHangingSink()
+    queue = TelemetryQueue(sink, capacity=3, concurrency=2, timeout=0.2, retry_after=0.05)
+    accepted = [queue.submit(_event(str(i))) for i in range(10)]
+    assert accepted == [True] * 3 + [False] * 7
+    assert queue.dropped == 7
+    await queue.aclose(within=10)
+    assert sink.calls == 3 * c.TELEMETRY_RETRY.maximum_attempts
+    assert sink.cancelled == sink.calls
+    assert queue.failed == 3

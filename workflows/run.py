@@ -1,16 +1,21 @@
 """RunWorkflow ``run:{account}:{run}``: one execution of a job.
 
 slot (not for CI) → prep → steps (each stores its artifacts; the last one also removes the
-workspace) → release → final status → tell the job → telemetry. Every activity has a
-start-to-close timeout and the long ones heartbeat, so a hung step or a dead worker can
-never hold a slot. The slot is released *before* the job is told and before telemetry runs:
+workspace) → release → final status → tell the job → webhooks → telemetry. Every activity
+has a start-to-close timeout and the long ones heartbeat, so a hung step or a dead worker
+can never hold a slot. The slot is released *before* the final status is written and before
+the job is told; telemetry is handed to the worker's bounded queue after all of it, so
 nothing after the last step can hold capacity. The run publishes ``job.run.started`` (first
 step) and ``job.run.completed``/``errored`` (after its final status) for the account's
 webhooks, which deliver them without the run waiting.
 
-History budget (tests/test_history_budget.py): release, final snapshot, the job's signal and
-the webhook events are local activities in one workflow task (a marker each), so a one-step
-run is 42 events, where it was 62.
+The run timeout is a deadline, not a timer: prep's schedule-to-close ends by it, and each
+step is stopped at it (``StepInput.deadline``, enforced around every executor) with
+schedule-to-close backstops.
+
+History budget (tests/test_history_budget.py): a one-step run is 29 events (62 before issue
+6). At its first step and at its end the run reports once (local activity ``report_run``:
+release, snapshot, the job's signal, webhook events, telemetry hand-off), a marker each.
 """
 
 from __future__ import annotations
@@ -265,6 +270,8 @@ class RunWorkflow:
                     result_type=StepOutcome,
                     task_queue=self.inp.queues.steps,
                     start_to_close_timeout=step_timeout,
+                    # A step still waiting for a steps worker at the deadline ends too.
+                    schedule_to_close_timeout=step_timeout,
                     heartbeat_timeout=c.STEP_HEARTBEAT_TIMEOUT,
                     retry_policy=c.STEP_RETRY,
                     cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
@@ -344,8 +351,8 @@ class RunWorkflow:
         return prepared
 
     async def _finish(self, slot_requested: bool, prepared: list[PreparedRun]) -> None:
-        """Release → status → tell the job → webhooks → clean up → telemetry. Each part is
-        best effort."""
+        """Release → final status → tell the job → webhooks → telemetry (one report), then
+        clean up a workspace the last step did not remove. Each part is best effort."""
         account_id = self.inp.account.account_id
         self.r.finished_at = workflow.now()
         self._set_status(self.r.status, self.r.status.humanized)
