@@ -487,13 +487,13 @@ class RunWorkflow:
         if not delivered:
             workflow.logger.warning("%s to %s: the workflow is gone", signal, workflow_id)
 
-    async def _store(self, *, final: bool = False) -> None:
-        """Write this run's snapshot to the run store (a local activity: one marker event).
+    async def _store(self) -> None:
+        """Write this run's snapshot to the run store (a local activity: one marker event):
+        Starting, and each step after the first (the first step's and the final snapshot go
+        in ``_report``, whose final one retries for minutes after the slot is released).
 
         Snapshots are numbered, and the store applies them monotonically, so a retried or
-        late one never moves the run backwards. A failed write is logged, never fatal: the
-        final snapshot, which carries everything, retries for minutes (after the slot is
-        released, so it holds no capacity).
+        late one never moves the run backwards. A failed write is logged, never fatal.
         """
         self._seq += 1
         try:
@@ -502,7 +502,7 @@ class RunWorkflow:
                 RecordRunInput(run=self.r, seq=self._seq),
                 result_type=RecordRunResult,
                 start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
-                retry_policy=c.STORE_FINAL_RETRY if final else c.STORE_RETRY,
+                retry_policy=c.STORE_RETRY,
                 summary=f"record run {self.inp.run_id} ({self.r.status.humanized})",
             )
         except FailureError as err:
