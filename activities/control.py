@@ -1,6 +1,7 @@
 """Activities that talk to Temporal itself: things a workflow cannot do on its own.
 
-* signal-with-start of the account's slots workflow (workflows cannot signal-with-start);
+* a run's slot request: update-with-start of the account's slots workflow, answered at once
+  (signal-with-start when the update cannot be used); workflows can do neither;
 * liveness of holders and runs (``describe``), so a *terminated* run never leaks a slot;
 * signals sent from a local activity: one marker event in the sender's history, where a
   workflow's own signal costs two events and a workflow task more.
@@ -11,11 +12,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import (
+    WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -34,6 +42,7 @@ from workflows.constants import (
     SA_STATUS,
     SIGNAL_SLOT_REQUEST,
     SLOTS_WORKFLOW,
+    UPDATE_SLOT_ACQUIRE,
     slots_workflow_id,
 )
 from workflows.models import (
@@ -43,33 +52,84 @@ from workflows.models import (
     RunInput,
     RunStatus,
     SignalWorkflowInput,
+    SlotAnswer,
     SlotsStartRequest,
     SlotsState,
     StartRunInput,
 )
 
+ACQUIRE_TIMEOUT = timedelta(seconds=3)
+"""Bounds the update's call (the client's retries included) well inside the local
+activity's timeout, leaving time for the signal."""
+
 
 @activity.defn(name="request_slot")
-async def request_slot(request: SlotsStartRequest) -> None:
-    """Signal ``request`` to ``slots:{account}``, starting it with the account's capacity."""
+async def request_slot(request: SlotsStartRequest) -> SlotAnswer:
+    """Ask ``slots:{account}`` for a slot, starting it with the account's capacity.
+
+    The ``acquire`` update (with start) answers at once: a free slot is granted in the
+    answer, with no signal back and no wait in the run. If the update cannot be used (the
+    server's limit of updates in flight per workflow, an older server, slots continuing as
+    new), the request goes as the ``request`` signal and the grant comes by signal. Both
+    are idempotent by request id, so a repeat (a retry, or a signal after an update that
+    did go through) is answered, never counted twice.
+    """
     client = activity.client()
+    start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
+        SLOTS_WORKFLOW,
+        _slots_state(request),
+        id=slots_workflow_id(request.account_id),
+        task_queue=request.workflow_task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=_slots_attributes(request),
+        static_summary=f"run slots of account {request.account_id}",
+    )
+    try:
+        async with asyncio.timeout(ACQUIRE_TIMEOUT.total_seconds()):
+            answer: SlotAnswer = await client.execute_update_with_start_workflow(
+                UPDATE_SLOT_ACQUIRE,
+                request.request,
+                start_workflow_operation=start,
+                id=f"acquire-{request.request.request_id}",
+                result_type=SlotAnswer,
+            )
+        return answer
+    except (
+        TimeoutError,
+        RPCError,
+        WorkflowUpdateFailedError,
+        WorkflowUpdateRPCTimeoutOrCancelledError,
+    ) as err:
+        with contextlib.suppress(BaseException):
+            await start.workflow_handle()  # settled by now; read so asyncio does not warn
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from err  # the activity itself is cancelled
+        activity.logger.info("acquire not answered (%s); requesting by signal", err)
     await client.start_workflow(
         SLOTS_WORKFLOW,
-        SlotsState(
-            account_id=request.account_id,
-            capacity=request.capacity,
-            reap_interval=request.reap_interval,
-        ),
+        _slots_state(request),
         id=slots_workflow_id(request.account_id),
         task_queue=request.workflow_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         start_signal=SIGNAL_SLOT_REQUEST,
         start_signal_args=[request.request],
-        search_attributes=TypedSearchAttributes(
-            [SearchAttributePair(SA_ACCOUNT, request.account_id)]
-        ),
+        search_attributes=_slots_attributes(request),
         static_summary=f"run slots of account {request.account_id}",
     )
+    return SlotAnswer()
+
+
+def _slots_state(request: SlotsStartRequest) -> SlotsState:
+    return SlotsState(
+        account_id=request.account_id,
+        capacity=request.capacity,
+        reap_interval=request.reap_interval,
+    )
+
+
+def _slots_attributes(request: SlotsStartRequest) -> TypedSearchAttributes:
+    return TypedSearchAttributes([SearchAttributePair(SA_ACCOUNT, request.account_id)])
 
 
 @activity.defn(name="start_run_workflow")

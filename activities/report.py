@@ -6,8 +6,9 @@ an event. Each is idempotent, so one local activity says them all, in that order
 failed attempt simply says them all again: one marker event in the run's history where they
 used to be one each (``tests/test_history_budget.py``).
 
-The release goes first, so a slow or unavailable run store never holds a slot; the job is
-told after the snapshot is stored (its next run, or a job-completion trigger, may read it).
+The release goes first, so a slow or unavailable run store never holds a slot; the jobs
+that run on this job's completion, and then the job, are told after the snapshot is stored
+(a triggered run, or the job's next one, may read it).
 A final report then hands the run's telemetry to the worker's ``TelemetryQueue``: emitted
 in the background, bounded, never waited for.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from activities.control import signal_workflow
-from activities.store.activities import in_thread
+from activities.store.activities import in_thread, notify_dependents
 from activities.store.store import RunStore
 from activities.telemetry import TelemetryQueue
 from activities.webhooks import WebhookPublisher
@@ -37,6 +38,8 @@ class RunReporter:
         if request.release is not None and not await signal_workflow(request.release):
             activity.logger.info("release of %s: no slots workflow", request.record.run.run_id)
         record = await in_thread(lambda: self._store.record_run(request.record))
+        if request.notify is not None:
+            await notify_dependents(self._store, request.notify)
         if request.finished is not None and not await signal_workflow(request.finished):
             activity.logger.info("run %s: its job's workflow is gone", request.record.run.run_id)
         deliveries = 0

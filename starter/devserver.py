@@ -65,6 +65,10 @@ SERVER_TUNING = (
     # Cuts an idle run's trigger -> step latency from ~390 ms to ~80 ms (temporal-floor.md).
     "--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000",
     "--dynamic-config-value", "history.timerProcessorMaxPollRPS=1000",
+    # A run asks for its slot with an update answered at once (workflows/slots.py); the
+    # default of 10 in flight per workflow would send a cron storm's requests the slower
+    # way, by signal.
+    "--dynamic-config-value", "history.maxInFlightUpdates=1000",
 )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ DEV_SERVER_ARGS = [
     "--sqlite-pragma", "synchronous=normal",
     "--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000",
     "--dynamic-config-value", "history.timerProcessorMaxPollRPS=1000",
+    "--dynamic-config-value", "history.maxInFlightUpdates=1000",  # as the embedded stack
     # Small, so long tests exercise continue-as-new of the job and slots workflows.
     "--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=300",
 ]  # fmt: skip

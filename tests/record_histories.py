@@ -125,6 +125,9 @@ async def main() -> None:
             "run-rerun": rerun.run_id,
             "run-ci-superseded": old.run_id,
             "run-ci": new.run_id,
+            # Triggered by deploy's end while deploy's next run held the one slot: queued,
+            # granted by signal (the others were granted in the answer to their request).
+            "run-after": after[0],
         }
         for name, run_id in runs.items():
             await _save(client, c.run_workflow_id(acct, run_id), name)

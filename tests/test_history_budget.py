@@ -23,15 +23,18 @@ from workflows import constants as c
 from workflows.models import RunStatus, TriggerRequest
 
 RUNS = 5
-RUN_BUDGET = 29
-"""Events of a one-step run workflow (62 before issue 6): start, slot request (a marker) and
-queue-wait timer, grant, Starting snapshot and prep, Running report and the step, the final
-report (release, snapshot, the job's signal, webhooks, telemetry hand-off), completion."""
-JOB_BUDGET_PER_RUN = 14
-"""Events a run adds to its job: the trigger update, the start, the end (no child events)."""
-SLOTS_BUDGET_PER_RUN = 16
-"""Events a grant adds to the slots workflow when runs come one at a time (unbatched; its
-grants are the workflow's own signals, see workflows/slots.py)."""
+RUN_BUDGET = 23
+"""Events of a one-step run workflow (62 before issue 6) when a slot is free: start, slot
+request answered with the grant (a marker), Starting snapshot and prep, Running report and
+the step, the final report (release, snapshot, the job's signal, webhooks, telemetry
+hand-off), completion. A run that has to queue adds the queue-wait timer and the grant
+signal with its workflow task (6 events)."""
+JOB_BUDGET_PER_RUN = 13
+"""Events a run adds to its job: the trigger update, the start, the end (no child events;
+job-completion triggers go with the run's final report)."""
+SLOTS_BUDGET_PER_RUN = 12
+"""Events a run adds to the slots workflow when runs come one at a time (unbatched): the
+``acquire`` update answered with a grant in one workflow task, the release in another."""
 
 
 async def _events(client: Client, workflow_id: str) -> Counter[str]:
@@ -69,11 +72,17 @@ async def test_a_one_step_run_stays_within_its_history_budget(
     assert sum(slots_events.values()) <= SLOTS_BUDGET_PER_RUN * RUNS, slots_events
     # Runs are started from a local activity and report back by signal: no child events.
     assert not any(kind.startswith(("START_CHILD", "CHILD_")) for kind in job_events)
+    # Two local activities per run (allocate in the trigger, start); one more for the job.
+    assert job_events["MARKER_RECORDED"] <= 2 * RUNS + 1, job_events
     # One timer per run at most (the check on runs in flight, cancelled by the run's end).
     assert job_events["TIMER_CANCELED"] <= RUNS, job_events
+    # Every slot was granted in the update's answer: no grant signals.
+    assert slots_events["WORKFLOW_EXECUTION_UPDATE_COMPLETED"] == RUNS, slots_events
+    assert slots_events["SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED"] == 0, slots_events
     for run in runs:
         # No telemetry activity (the final report hands it off), no run-timeout timer (the
         # step's deadline), no search attribute for Starting: Running and the final status.
         assert run["ACTIVITY_TASK_SCHEDULED"] == 2, run  # prep, the step
-        assert run["TIMER_STARTED"] == 1, run  # the queue wait
+        assert run["TIMER_STARTED"] == 0, run  # granted at once: no queue-wait timer
+        assert run["WORKFLOW_EXECUTION_SIGNALED"] == 0, run
         assert run["UPSERT_WORKFLOW_SEARCH_ATTRIBUTES"] == 2, run

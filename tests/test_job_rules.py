@@ -169,6 +169,36 @@ async def test_a_job_runs_when_an_upstream_job_run_ends_in_a_listed_status(
     assert b_run.status == RunStatus.SUCCESS
 
 
+async def test_an_upstream_run_that_never_reports_still_triggers_its_dependents(
+    dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor
+) -> None:
+    """A run's own final report signals the jobs that run on its job's completion. A run
+    terminated from the Temporal CLI reports nothing: its job finds the end (the check on
+    runs in flight) and sends the trigger itself."""
+    client, acct = dev_env.client, unique("orphanchain")
+    on_cancel = JobTriggers(
+        on_job_completion=[CompletionTrigger(job_id="a", statuses=[RunStatus.CANCELLED])]
+    )
+    async with running_stack(client, fake_dbt) as queues:
+        settings = account(acct, run_slots=2)
+        await jobs.save_job(client, job(acct, "a", ["dbt run -s gate:never"]), settings, queues)
+        await jobs.save_job(client, job(acct, "b", triggers=on_cancel), settings, queues)
+        upstream = await jobs.trigger(client, acct, "a", TriggerRequest())
+        await wait_for(lambda: fake_dbt.running == {upstream.run_id}, what="a running")
+        await temporal_cli(
+            client, "workflow", "terminate",
+            "--workflow-id", c.run_workflow_id(acct, upstream.run_id), "--reason", "operator",
+        )  # fmt: skip
+
+        async def b_ran() -> list[str]:
+            return [r.run_id for r in (await jobs.describe_job(client, acct, "b")).state.recent]
+
+        b_runs = await wait_for(b_ran, what="job b triggered by a's terminated run")
+        b_run = await wait_run(client, acct, b_runs[0])
+    assert b_run.cause == TriggerCause.JOB_COMPLETION
+    assert b_run.status == RunStatus.SUCCESS
+
+
 async def test_consecutive_failures_deactivate_the_job_and_run_now_reactivates_it(
     dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor
 ) -> None:

@@ -1,20 +1,33 @@
-"""Rule 4 (run slots), the reaper after a terminate, and continue-as-new carrying state."""
+"""Rule 4 (run slots): FIFO grants, the request answered at once (and its fallback by
+signal), resize, the reaper after a terminate, and continue-as-new carrying state."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections import Counter
+from datetime import timedelta
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowUpdateFailedError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
+from activities.control import request_slot
 from starter import jobs
 from tests.builders import account, job, wait_for, wait_run
-from tests.conftest import running_stack, temporal_cli, unique
+from tests.conftest import fresh_queues, running_stack, temporal_cli, unique
 from tests.fakes import FakeDbtExecutor
 from workflows import constants as c
-from workflows.models import RunStatus, TaskQueues, TriggerRequest
+from workflows.models import (
+    RunStatus,
+    SlotRelease,
+    SlotRequest,
+    SlotsStartRequest,
+    SlotsState,
+    TaskQueues,
+    TriggerRequest,
+)
 
 pytestmark = pytest.mark.devserver
 
@@ -168,3 +181,101 @@ async def test_continue_as_new_keeps_queued_runs_and_held_slots(
     assert [r.status for r in results] == [RunStatus.SUCCESS] * n_runs
     starts = fake_dbt.started_runs()
     assert sorted(starts) == sorted([held.run_id, *queued]), "each run started exactly once"
+
+
+def _acquire(acct: str, queues: TaskQueues, run_id: str, capacity: int) -> SlotsStartRequest:
+    return SlotsStartRequest(
+        account_id=acct,
+        capacity=capacity,
+        reap_interval=timedelta(seconds=30),
+        workflow_task_queue=queues.workflows,
+        request=SlotRequest(request_id=run_id, workflow_id=f"gone-{run_id}"),
+    )
+
+
+async def test_a_free_slot_is_granted_in_the_answer_and_a_repeat_is_answered_the_same(
+    dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor
+) -> None:
+    """The run's request is an update answered at once: granted, or queued behind a full
+    house (the grant then comes by signal). Asking again never takes a second slot."""
+    client, acct = dev_env.client, unique("acquire")
+    requester = ActivityEnvironment(client=client)
+    async with running_stack(client, fake_dbt, which=("workflows",)) as queues:
+        first = await requester.run(request_slot, _acquire(acct, queues, "r1", 2))
+        second = await requester.run(request_slot, _acquire(acct, queues, "r2", 2))
+        third = await requester.run(request_slot, _acquire(acct, queues, "r3", 2))
+        again = await requester.run(request_slot, _acquire(acct, queues, "r1", 2))
+        queued_again = await requester.run(request_slot, _acquire(acct, queues, "r3", 2))
+        state = await jobs.describe_slots(client, acct)
+        events = await _slots_events(client, acct)
+    assert first.granted_at is not None and second.granted_at is not None
+    assert third.granted_at is None and queued_again.granted_at is None
+    assert again.granted_at == first.granted_at
+    assert [h.request_id for h in state.holders] == ["r1", "r2"]
+    assert [w.request_id for w in state.waiters] == ["r3"]
+    assert state.grants_total == 2
+    # Answers by update only: no request signal, no grant signal. A repeat has the same
+    # update id, so the server answers it from the first (no new event).
+    assert events["WORKFLOW_EXECUTION_UPDATE_COMPLETED"] == 3, events
+    assert events["WORKFLOW_EXECUTION_SIGNALED"] == 0, events
+    assert events["SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED"] == 0, events
+
+
+async def test_a_request_the_slots_workflow_cannot_answer_in_time_goes_by_signal_once(
+    dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor
+) -> None:
+    """No worker polls the slots workflow's queue (down, or far behind): the update is not
+    answered within its bound, so each request goes as the ``request`` signal and the run
+    waits for the grant signal. When a worker comes, the late updates and the signals name
+    the same requests: each is granted once, none is counted twice."""
+    client, acct = dev_env.client, unique("late")
+    requester = ActivityEnvironment(client=client)
+    queues = fresh_queues()  # nobody polls them yet
+    answers = await asyncio.gather(
+        *(requester.run(request_slot, _acquire(acct, queues, f"r{n}", 2)) for n in range(3))
+    )
+    assert [a.granted_at for a in answers] == [None, None, None]  # queued, by signal
+    events = await _slots_events(client, acct)
+    assert events["WORKFLOW_EXECUTION_SIGNALED"] == 3, events
+    async with running_stack(client, fake_dbt, queues=queues, which=("workflows",)):
+        # The requesters are gone (no such workflows): each grant signal fails and frees
+        # the slot for the next, so every request is granted exactly once.
+        state = await wait_for(lambda: _settled(client, acct), what="every request granted once")
+    assert state.grants_total == 3, state
+    assert not state.waiters, state
+    assert len({h.request_id for h in state.holders}) == len(state.holders), state
+
+
+async def _settled(client: Client, acct: str) -> SlotsState | None:
+    state = await jobs.describe_slots(client, acct)
+    return state if not state.waiters and state.grants_total >= 3 else None
+
+
+async def _slots_events(client: Client, acct: str) -> Counter[str]:
+    history = await client.get_workflow_handle(c.slots_workflow_id(acct)).fetch_history()
+    return Counter(EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in history.events)
+
+
+async def test_a_request_with_an_absurd_lease_cannot_stop_the_semaphore(
+    dev_env: WorkflowEnvironment, fake_dbt: FakeDbtExecutor
+) -> None:
+    """A hand-sent request whose lease would overflow the clock is granted with a capped
+    lease; the slots workflow keeps answering (every run of the account depends on it)."""
+    client, acct = dev_env.client, unique("lease")
+    requester = ActivityEnvironment(client=client)
+    async with running_stack(client, fake_dbt, which=("workflows",)) as queues:
+        first = await requester.run(request_slot, _acquire(acct, queues, "r0", 1))
+        assert first.granted_at is not None
+        absurd = SlotRequest(request_id="r1", workflow_id="gone-r1", lease=timedelta.max)
+        handle = client.get_workflow_handle(c.slots_workflow_id(acct))
+        await handle.signal(c.SIGNAL_SLOT_REQUEST, absurd)
+        await handle.signal(c.SIGNAL_SLOT_RELEASE, SlotRelease(request_id="r0"))
+        # r1 is granted (its requester is gone, so the slot is freed again): r2 gets it.
+        await wait_for(lambda: _granted(client, acct, 2), what="r1 granted and freed")
+        last = await requester.run(request_slot, _acquire(acct, queues, "r2", 1))
+    assert last.granted_at is not None
+
+
+async def _granted(client: Client, acct: str, total: int) -> bool:
+    state = await jobs.describe_slots(client, acct)
+    return state.grants_total >= total and not state.holders

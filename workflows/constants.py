@@ -34,6 +34,7 @@ SIGNAL_SLOT_REQUEST = "request"
 SIGNAL_SLOT_RELEASE = "release"
 SIGNAL_SLOT_GRANTED = "slot_granted"
 UPDATE_RESIZE = "resize"
+UPDATE_SLOT_ACQUIRE = "acquire"
 SIGNAL_RESIZE = "resize"
 
 # --- search attributes (all registered by `runslot dev` and the test fixtures)

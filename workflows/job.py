@@ -631,7 +631,8 @@ class JobWorkflow:
             ),
             to_store=to_store,
         )
-        if not policy.is_ci(self.job, TriggerRequest(cause=flight.cause, pr_id=flight.pr_id)):
+        ci = policy.is_ci(self.job, TriggerRequest(cause=flight.cause, pr_id=flight.pr_id))
+        if not ci and not finished.dependents_notified:  # else the run's report did it
             self.st.pending_notifications.append(
                 UpstreamFinished(
                     job_id=self.job.job_id, run_id=finished.run_id, status=finished.status

@@ -411,6 +411,8 @@ class RunFinished(WireModel):
     status: RunStatus
     message: str = ""
     finished_at: datetime | None = None
+    dependents_notified: bool = False
+    """The run's report already signalled the jobs that run on this job's completion."""
 
 
 class RunInput(WireModel):
@@ -564,6 +566,13 @@ class SlotRelease(WireModel):
 class SlotGrant(WireModel):
     request_id: str
     granted_at: datetime
+
+
+class SlotAnswer(WireModel):
+    """The slots workflow's answer to an ``acquire`` update: granted now, or queued (the
+    grant then comes by the ``slot_granted`` signal)."""
+
+    granted_at: datetime | None = None
 
 
 class SlotHolder(WireModel):
@@ -881,12 +890,15 @@ class PublishResult(WireModel):
 
 class ReportRunInput(WireModel):
     """A run's report, in the order the parts are carried out (local activity ``report_run``):
-    ``release`` (the slot), ``record`` (the snapshot), ``finished`` (the job's signal),
+    ``release`` (the slot), ``record`` (the snapshot), ``notify`` (job-completion triggers),
+    ``finished`` (the job's signal),
     ``publish`` (webhook events). One marker in the run's history where the parts alone are
     one each. Every part is idempotent, so a failed attempt repeats them all."""
 
     record: RecordRunInput
     release: SignalWorkflowInput | None = None
+    notify: NotifyDependentsInput | None = None
+    """The jobs that run on this job's completion (rule 7), after the snapshot is stored."""
     finished: SignalWorkflowInput | None = None
     publish: RunEventInput | None = None
     telemetry: bool = False

@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.errors import MEMORY_LIMIT_MESSAGE, ErrorType
     from workflows.models import (
         CleanupInput,
+        NotifyDependentsInput,
         PreparedRun,
         PrepareInput,
         PublishResult,
@@ -176,7 +177,7 @@ class RunWorkflow:
         account = self.inp.account
         lease = self._run_timeout() + c.SLOT_LEASE_GRACE
         workflow.set_current_details("waiting for a run slot")
-        await workflow.execute_local_activity(
+        answer = await workflow.execute_local_activity(
             request_slot,
             SlotsStartRequest(
                 account_id=account.account_id,
@@ -193,6 +194,11 @@ class RunWorkflow:
             start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
             retry_policy=c.CONTROL_RETRY,
         )
+        if answer.granted_at is not None and self.grant is None:
+            # Granted in the answer: no queue-wait timer, no signal, no workflow task.
+            self.grant = SlotGrant(request_id=self.inp.run_id, granted_at=answer.granted_at)
+        if self.grant is not None:
+            return True
         budget = account.max_queue_wait - (workflow.now() - self.inp.queued_at)
         try:
             await workflow.wait_condition(
@@ -366,21 +372,33 @@ class RunWorkflow:
                 signal=c.SIGNAL_SLOT_RELEASE,
                 payload=SlotRelease(request_id=self.inp.run_id).model_dump(mode="json"),
             )
-        finished = SignalWorkflowInput(
-            workflow_id=self.inp.job_workflow_id,
-            signal=c.SIGNAL_RUN_FINISHED,
-            payload=RunFinished(
+        finished = RunFinished(
+            run_id=self.inp.run_id,
+            status=self.r.status,
+            message=self.r.status_message,
+            finished_at=self.r.finished_at,
+        )
+        # Job-completion triggers (rule 7) go with the report, not from the job (one local
+        # activity fewer there); CI runs trigger nothing.
+        notify = None
+        if not self._ci:
+            notify = NotifyDependentsInput(
+                account_id=account_id,
+                job_id=self.inp.job.job_id,
                 run_id=self.inp.run_id,
                 status=self.r.status,
-                message=self.r.status_message,
-                finished_at=self.r.finished_at,
-            ).model_dump(mode="json"),
-        )
+                source_workflow_id=self.inp.job_workflow_id,
+            )
         events: tuple[str, ...] = (c.EVENT_RUN_COMPLETED,)
         if self.r.status == RunStatus.ERROR:
             events = (c.EVENT_RUN_COMPLETED, c.EVENT_RUN_ERRORED)
         reported = await self._report(
-            final=True, release=release, finished=finished, publish=events, telemetry=True
+            final=True,
+            release=release,
+            notify=notify,
+            finished=finished,
+            publish=events,
+            telemetry=True,
         )
         if prepared and not self._cleaned_up:
             try:
@@ -420,14 +438,28 @@ class RunWorkflow:
         *,
         final: bool = False,
         release: SignalWorkflowInput | None = None,
-        finished: SignalWorkflowInput | None = None,
+        notify: NotifyDependentsInput | None = None,
+        finished: RunFinished | None = None,
         publish: tuple[str, ...] = (),
         telemetry: bool = False,
     ) -> bool:
-        """Release, snapshot, tell the job, publish, hand off telemetry: one local activity
-        (one marker). False if it failed for good (a store down for ~12 minutes at the end):
-        then each part is tried again on its own (telemetry by the caller), so the slot, the
-        job and the webhooks never depend on the store."""
+        """Release, snapshot, job-completion triggers, tell the job, publish, hand off
+        telemetry: one local activity (one marker). False if it failed for good (a store
+        down for ~12 minutes at the end): then the release, the job's signal and the events
+        are tried again on its own (telemetry by the caller), so the slot, the job and the
+        webhooks never depend on the store; the job then sends the triggers itself."""
+
+        def tell_job(notified: bool) -> SignalWorkflowInput | None:
+            if finished is None:
+                return None
+            return SignalWorkflowInput(
+                workflow_id=self.inp.job_workflow_id,
+                signal=c.SIGNAL_RUN_FINISHED,
+                payload=finished.model_copy(update={"dependents_notified": notified}).model_dump(
+                    mode="json"
+                ),
+            )
+
         self._seq += 1
         try:
             await workflow.execute_local_activity(
@@ -435,7 +467,8 @@ class RunWorkflow:
                 ReportRunInput(
                     record=RecordRunInput(run=self.r, seq=self._seq),
                     release=release,
-                    finished=finished,
+                    notify=notify,
+                    finished=tell_job(notify is not None),
                     publish=self._event(*publish) if publish else None,
                     telemetry=telemetry,
                 ),
@@ -446,7 +479,7 @@ class RunWorkflow:
             )
         except FailureError as err:
             workflow.logger.warning("run %s not reported at once: %s", self.inp.run_id, err)
-            for part in (release, finished):
+            for part in (release, tell_job(False)):
                 if part is not None:
                     await self._signal(part.workflow_id, part.signal, part.payload)
             if publish:

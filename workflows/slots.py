@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import closed_workflows
@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         HolderLiveness,
         Rejected,
         Resize,
+        SlotAnswer,
         SlotGrant,
         SlotHolder,
         SlotRelease,
@@ -38,6 +39,13 @@ with workflow.unsafe.imports_passed_through():
     )
 
 MIN_WAIT = timedelta(seconds=1)
+MAX_LEASE = timedelta(days=366)
+"""Longer than any run may last; a lease beyond it (an absurd account setting, a hand-sent
+signal) would overflow the clock in the grant loop, and this workflow must never fail."""
+
+
+def _lease(req: SlotRequest) -> timedelta:
+    return min(max(req.lease, MIN_WAIT), MAX_LEASE)
 
 
 @workflow.defn(name=c.SLOTS_WORKFLOW)
@@ -47,6 +55,7 @@ class SlotsWorkflow:
         self.s = state
         self._dirty = True
         self._regrant: list[str] = []
+        self._wake_at: datetime | None = None  # when the loop's current wait times out
 
     @workflow.run
     async def run(self, state: SlotsState) -> None:
@@ -67,8 +76,10 @@ class SlotsWorkflow:
                 # fails and the next waiter is served (and a reap pass drops it too).
                 deadlines.append(next_reap)
             timeout = None
+            self._wake_at = None
             if deadlines:
                 timeout = max(min(deadlines) - workflow.now(), MIN_WAIT)
+                self._wake_at = workflow.now() + timeout
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
                     lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
@@ -93,12 +104,63 @@ class SlotsWorkflow:
                         request_id=req.request_id,
                         workflow_id=req.workflow_id,
                         requested_at=req.requested_at or workflow.now(),
-                        lease=req.lease,
+                        lease=_lease(req),
                     )
                 )
             self._dirty = True
         except Exception as err:  # noqa: BLE001 - a signal handler must never raise
             self._reject("request", err)
+
+    @workflow.update(name=c.UPDATE_SLOT_ACQUIRE)
+    def acquire(self, req: SlotRequest) -> SlotAnswer:
+        """A slot now if one is free and nobody waits (FIFO), else a place in the queue.
+
+        Never waits, so an update is in flight for one workflow task at most. A grant
+        answered here costs no signal either way; a queued request is granted later by
+        signal, like one that arrived as a ``request`` signal. Idempotent by request id.
+        """
+        try:
+            holder = next((h for h in self.s.holders if h.request_id == req.request_id), None)
+            if holder is not None:
+                return SlotAnswer(granted_at=holder.granted_at)
+            if any(w.request_id == req.request_id for w in self.s.waiters):
+                return SlotAnswer()
+            now = workflow.now()
+            if not self.s.waiters and len(self.s.holders) < self.s.capacity:
+                holder = SlotHolder(
+                    request_id=req.request_id,
+                    workflow_id=req.workflow_id,
+                    granted_at=now,
+                    lease_expires_at=now + _lease(req),
+                )
+                self.s.holders.append(holder)
+                self.s.grants_total += 1
+                # Wake the loop only if its timer must move (the first holder, or a lease
+                # ending before the current wake-up): each wake-up re-arms the timer.
+                if self._wake_at is None or holder.lease_expires_at < self._wake_at:
+                    self._dirty = True
+                return SlotAnswer(granted_at=now)
+            self.s.waiters.append(
+                SlotWaiter(
+                    request_id=req.request_id,
+                    workflow_id=req.workflow_id,
+                    requested_at=req.requested_at or now,
+                    lease=_lease(req),
+                )
+            )
+            if len(self.s.holders) < self.s.capacity:
+                self._dirty = True  # others wait for a free slot: the loop grants in order
+            return SlotAnswer()  # else a release wakes the loop, which grants in order
+        except Exception as err:  # an update may fail, the workflow task never
+            self._reject("acquire", err)
+            raise ApplicationError(f"acquire refused: {err}", non_retryable=True) from err
+
+    @acquire.validator
+    def _validate_acquire(self, req: SlotRequest) -> None:
+        # Never accepted in the workflow task that continues as new (the requester falls
+        # back to the ``request`` signal, which the next run receives).
+        if workflow.info().is_continue_as_new_suggested():
+            raise ApplicationError("slots are continuing as new: send the request signal")
 
     @workflow.signal(name=c.SIGNAL_SLOT_RELEASE)
     def release(self, rel: SlotRelease) -> None:

@@ -80,34 +80,8 @@ class StoreActivities:
 
     @activity.defn(name="notify_dependents")
     async def notify_dependents(self, request: NotifyDependentsInput) -> int:
-        """Signal every job of the account that runs on this job's completion (rule 7).
-
-        Returns how many were signalled. A dependent whose workflow is gone (a deleted job)
-        is skipped; any other failure fails the call, and a retry signals again, which the
-        dependents deduplicate (``upstream:{job}:{run}``).
-        """
-        dependents = await in_thread(
-            lambda: self._store.dependent_jobs(request.account_id, request.job_id)
-        )
-        client = activity.client()
-        payload = UpstreamFinished(
-            job_id=request.job_id, run_id=request.run_id, status=request.status
-        )
-        sent = 0
-        for key in dependents:
-            workflow_id = job_workflow_id(request.account_id, key)
-            if workflow_id == request.source_workflow_id:
-                continue
-            try:
-                await client.get_workflow_handle(workflow_id).signal(
-                    SIGNAL_UPSTREAM_FINISHED, payload
-                )
-            except RPCError as err:
-                if err.status != RPCStatusCode.NOT_FOUND:
-                    raise
-                continue
-            sent += 1
-        return sent
+        """Signal every job of the account that runs on this job's completion (rule 7)."""
+        return await notify_dependents(self._store, request)
 
     def all(self) -> list[Callable[..., Any]]:
         """Every store activity: the workflow worker runs them as local activities."""
@@ -118,6 +92,32 @@ class StoreActivities:
             self.rerun_plan,
             self.notify_dependents,
         ]
+
+
+async def notify_dependents(store: RunStore, request: NotifyDependentsInput) -> int:
+    """Signal every job of the account that runs on this job's completion (rule 7): from
+    the job (a run it ended itself) or from the run's own final report.
+
+    Returns how many were signalled. A dependent whose workflow is gone (a deleted job) is
+    skipped; any other failure fails the call, and a retry signals again, which the
+    dependents deduplicate (``upstream:{job}:{run}``).
+    """
+    dependents = await in_thread(lambda: store.dependent_jobs(request.account_id, request.job_id))
+    client = activity.client()
+    payload = UpstreamFinished(job_id=request.job_id, run_id=request.run_id, status=request.status)
+    sent = 0
+    for key in dependents:
+        workflow_id = job_workflow_id(request.account_id, key)
+        if workflow_id == request.source_workflow_id:
+            continue
+        try:
+            await client.get_workflow_handle(workflow_id).signal(SIGNAL_UPSTREAM_FINISHED, payload)
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            continue
+        sent += 1
+    return sent
 
 
 async def in_thread(work: Callable[[], T]) -> T:
