@@ -3,10 +3,11 @@
 It owns the job's cron loop and trigger queue, applies the queue rules of ``policy`` and
 starts one RunWorkflow per run (from a local activity, not as a child: a child's start and
 end would cost the job two workflow tasks per run). A run reports its end by the
-``run_finished`` signal; the job also checks on its runs in flight as often as the slots
-reaper does, so a run *terminated* from the CLI (which cannot signal) still frees the job's
-queue. Signals never raise: a message
-the job cannot use is logged and kept in a small ``rejected`` list. Updates validate first,
+``run_finished`` signal (its report has already sent the job-completion triggers); the job
+also checks on its runs in flight as often as the slots reaper does, so a run *terminated*
+from the CLI (which cannot signal) still frees the job's queue and triggers the jobs that
+run on its completion. Signals never raise: a message the job cannot use is logged and
+kept in a small ``rejected`` list. Updates validate first,
 so a bad trigger is refused before it touches history.
 """
 

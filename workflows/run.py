@@ -13,9 +13,11 @@ The run timeout is a deadline, not a timer: prep's schedule-to-close ends by it,
 step is stopped at it (``StepInput.deadline``, enforced around every executor) with
 schedule-to-close backstops.
 
-History budget (tests/test_history_budget.py): a one-step run is 29 events (62 before issue
-6). At its first step and at its end the run reports once (local activity ``report_run``:
-release, snapshot, the job's signal, webhook events, telemetry hand-off), a marker each.
+History budget (tests/test_history_budget.py): a one-step run is 23 events when a slot is
+free (62 before issue 6): its request is an update the slots workflow answers at once, so
+no queue-wait timer and no grant signal unless it must wait. At its first step and at its
+end the run reports once (local activity ``report_run``: release, snapshot, job-completion
+triggers, the job's signal, webhook events, telemetry hand-off), a marker each.
 """
 
 from __future__ import annotations

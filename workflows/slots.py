@@ -7,7 +7,13 @@ running, so a run workflow *terminated* from the CLI (no ``finally`` runs) gets 
 back within one reap interval. Signal handlers never raise: one bad message must not fail
 the semaphore every job of the account depends on.
 
-Grants are the workflow's own signals, not local activities: sending them from a local
+A run asks with the ``acquire`` update, answered in the workflow task that receives it: a
+free slot (nobody waiting) is granted in the answer, with no signal either way; otherwise
+the run is queued and granted later by signal. The ``request`` signal is the fallback (an
+update not answered in time, a cluster's limit of updates in flight). Both are idempotent
+by request id.
+
+Grants by signal are the workflow's own signals, not local activities: sending them from a local
 activity saved ~3 history events per run, but under heavy load (a local activity outliving
 its workflow task) a replay of this history failed ("Missing associated machine for
 LocalActivity"), and this workflow must always replay: every run of the account waits on it.

@@ -123,3 +123,34 @@ def signals(history: WorkflowHistory) -> list[Signal]:
         payload = json.loads(payloads[0].data) if payloads else None
         found.append(Signal(attrs.signal_name, event.event_time.ToMicroseconds() / 1e6, payload))
     return found
+
+
+@dataclass(frozen=True)
+class Update:
+    name: str
+    at: float
+    """Unix seconds, when the workflow accepted it (its admission is not in the history)."""
+    payload: object
+    result: object
+    """The (JSON) answer, None until completed or if it failed."""
+
+
+def updates(history: WorkflowHistory) -> list[Update]:
+    """Updates a workflow accepted, with their (JSON) payloads and answers."""
+    accepted: dict[str, tuple[str, float, object]] = {}
+    answers: dict[str, object] = {}
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+            payloads = request.input.args.payloads
+            at = event.event_time.ToMicroseconds() / 1e6
+            payload = json.loads(payloads[0].data) if payloads else None
+            accepted[request.meta.update_id] = (request.input.name, at, payload)
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
+            attrs = event.workflow_execution_update_completed_event_attributes
+            success = attrs.outcome.success.payloads
+            answers[attrs.meta.update_id] = json.loads(success[0].data) if success else None
+    return [
+        Update(name, at, payload, answers.get(update_id))
+        for update_id, (name, at, payload) in accepted.items()
+    ]

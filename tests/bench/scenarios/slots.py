@@ -2,8 +2,10 @@
 
 All N are triggered at once. Two views of the same hand-over:
 
-* from the histories: a run's slot request is the ``request`` signal as the slots workflow
-  received it, its grant the ``slot_granted`` signal as the run received it. Grant latency
+* from the histories: a run's slot request is its ``acquire`` update as the slots workflow
+  accepted it (or the ``request`` signal as it received it, the fallback), its grant the
+  answer to that update when a slot was free, else the ``slot_granted`` signal as the run
+  received it. Grant latency
   = grant - request (mostly queueing: N runs wait for 10 slots). Grant overhead = grant -
   the later of the request and the release that freed the slot (the k-th grant after the
   first 10 takes the slot of the (k-10)-th ``release`` signal, FIFO).
@@ -21,6 +23,8 @@ import asyncio
 import bisect
 import time
 
+from temporalio.client import WorkflowHistory
+
 from tests.bench.events import EventLog
 from tests.bench.harness import (
     ACCOUNT,
@@ -35,7 +39,7 @@ from tests.bench.harness import (
     trigger,
     wait_closed,
 )
-from tests.bench.history import bounded, chain_histories, histories, signals
+from tests.bench.history import bounded, chain_histories, histories, signals, updates
 from tests.bench.meter import Meter
 from tests.bench.report import ScenarioResult, spread
 from workflows import constants as c
@@ -76,22 +80,8 @@ async def run(ctx: Context) -> ScenarioResult:
         closed = await close_times(client, c.RUN_WORKFLOW)
         store.close()
 
-    requests: dict[str, float] = {}
-    released: dict[str, float] = {}
-    for history in slot_runs:
-        for sig in signals(history):
-            if not isinstance(sig.payload, dict):
-                continue
-            if sig.name == c.SIGNAL_SLOT_REQUEST:
-                requests.setdefault(str(sig.payload["request_id"]), sig.at)
-            elif sig.name == c.SIGNAL_SLOT_RELEASE:
-                released.setdefault(str(sig.payload["request_id"]), sig.at)
+    requests, released, grants = _hand_over(slot_runs, run_ids, run_histories)
     releases = sorted(released.values())
-    grants: dict[str, float] = {}
-    for run_id, history in zip(run_ids, run_histories, strict=True):
-        granted = [s.at for s in signals(history) if s.name == c.SIGNAL_SLOT_GRANTED]
-        if granted:
-            grants[run_id] = granted[0]
     latency = [grants[r] - requests[r] for r in grants if r in requests]
     overhead = _grant_overhead(grants, requests, releases)
     idle = _idle_gaps(events, requests, grants)
@@ -135,13 +125,46 @@ async def run(ctx: Context) -> ScenarioResult:
     result.details = {
         "capacity": CAPACITY,
         "step_seconds": STEP_SECONDS,
-        "grant_source": "histories: request signal received by slots:{account} → "
-        "slot_granted signal received by the run",
+        "grant_source": "histories: acquire update accepted (or request signal received) by "
+        "slots:{account} → its answer if granted, else slot_granted signal received by the run",
         "slots_generations": len(slot_runs),
         "requests_seen": len(requests),
         "grants_seen": len(grants),
     }
     return result
+
+
+def _hand_over(
+    slot_runs: list[WorkflowHistory], run_ids: list[str], run_histories: list[WorkflowHistory]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Per run id: when its request reached the slots workflow, when it released, when it
+    was granted (from the histories)."""
+    requests: dict[str, float] = {}
+    released: dict[str, float] = {}
+    answered: dict[str, float] = {}  # granted in the answer to the acquire update
+    for history in slot_runs:
+        for upd in updates(history):
+            if upd.name != c.UPDATE_SLOT_ACQUIRE or not isinstance(upd.payload, dict):
+                continue
+            request_id = str(upd.payload["request_id"])
+            requests.setdefault(request_id, upd.at)
+            if isinstance(upd.result, dict) and upd.result.get("granted_at"):
+                answered.setdefault(request_id, upd.at)
+        for sig in signals(history):
+            if not isinstance(sig.payload, dict):
+                continue
+            if sig.name == c.SIGNAL_SLOT_REQUEST:
+                requests.setdefault(str(sig.payload["request_id"]), sig.at)
+            elif sig.name == c.SIGNAL_SLOT_RELEASE:
+                released.setdefault(str(sig.payload["request_id"]), sig.at)
+    grants: dict[str, float] = {}
+    for run_id, history in zip(run_ids, run_histories, strict=True):
+        granted = [s.at for s in signals(history) if s.name == c.SIGNAL_SLOT_GRANTED]
+        if granted:
+            grants[run_id] = granted[0]
+        elif run_id in answered:
+            grants[run_id] = answered[run_id]
+    return requests, released, grants
 
 
 def _grant_overhead(
