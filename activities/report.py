@@ -38,9 +38,17 @@ class RunReporter:
         if request.release is not None and not await signal_workflow(request.release):
             activity.logger.info("release of %s: no slots workflow", request.record.run.run_id)
         record = await in_thread(lambda: self._store.record_run(request.record))
+        finished = request.finished
         if request.notify is not None:
-            await notify_dependents(self._store, request.notify)
-        if request.finished is not None and not await signal_workflow(request.finished):
+            try:
+                await notify_dependents(self._store, request.notify)
+            except Exception as err:  # noqa: BLE001 - the job's signal must not wait on it
+                # The job sends the triggers itself (dependents deduplicate a repeat).
+                activity.logger.warning("job-completion triggers not sent here: %s", err)
+                if finished is not None:
+                    payload = {**finished.payload, "dependents_notified": False}
+                    finished = finished.model_copy(update={"payload": payload})
+        if finished is not None and not await signal_workflow(finished):
             activity.logger.info("run %s: its job's workflow is gone", request.record.run.run_id)
         deliveries = 0
         if request.publish is not None:
