@@ -1,7 +1,8 @@
 """Activities that talk to Temporal itself: things a workflow cannot do on its own.
 
-* a run's slot request: update-with-start of the account's slots workflow, answered at once
-  (signal-with-start when the update cannot be used); workflows can do neither;
+* a run's slot request (``acquire_slot``, in the run's ``request_slot`` activity):
+  update-with-start of the account's slots workflow, answered at once (signal-with-start
+  when the update cannot be used); workflows can do neither;
 * liveness of holders and runs (``describe``), so a *terminated* run never leaks a slot;
 * signals sent from a local activity: one marker event in the sender's history, where a
   workflow's own signal costs two events and a workflow task more.
@@ -63,9 +64,9 @@ ACQUIRE_TIMEOUT = timedelta(seconds=3)
 activity's timeout, leaving time for the signal."""
 
 
-@activity.defn(name="request_slot")
-async def request_slot(request: SlotsStartRequest) -> SlotAnswer:
-    """Ask ``slots:{account}`` for a slot, starting it with the account's capacity.
+async def acquire_slot(request: SlotsStartRequest) -> SlotAnswer:
+    """Ask ``slots:{account}`` for a slot, starting it with the account's capacity. Called
+    in an activity (the run's ``request_slot``, ``activities.report``).
 
     The ``acquire`` update (with start) answers at once: a free slot is granted in the
     answer, with no signal back and no wait in the run. If the update cannot be used (the
@@ -216,7 +217,6 @@ async def signal_workflow(request: SignalWorkflowInput) -> bool:
 
 
 CONTROL_ACTIVITIES: list[Callable[..., Any]] = [
-    request_slot,
     start_run_workflow,
     closed_workflows,
     signal_workflow,

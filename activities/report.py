@@ -11,18 +11,30 @@ that run on this job's completion, and then the job, are told after the snapshot
 (a triggered run, or the job's next one, may read it).
 A final report then hands the run's telemetry to the worker's ``TelemetryQueue``: emitted
 in the background, bounded, never waited for.
+
+``request_slot`` is the run's first local activity: the slot request, and, when the slot is
+granted in the answer, the run's Starting snapshot, one marker where they were two.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from temporalio import activity
 
-from activities.control import signal_workflow
+from activities.control import acquire_slot, signal_workflow
 from activities.store.activities import in_thread, notify_dependents
 from activities.store.store import RunStore
 from activities.telemetry import TelemetryQueue
 from activities.webhooks import WebhookPublisher
-from workflows.models import ReportRunInput, ReportRunResult, TelemetryEvent
+from workflows.models import (
+    ReportRunInput,
+    ReportRunResult,
+    SlotAnswer,
+    SlotsStartRequest,
+    TelemetryEvent,
+)
 
 
 class RunReporter:
@@ -32,6 +44,26 @@ class RunReporter:
         self._store = store
         self._publisher = publisher
         self._telemetry = telemetry
+
+    @activity.defn(name="request_slot")
+    async def request_slot(self, request: SlotsStartRequest) -> SlotAnswer:
+        """Ask for a slot (``acquire_slot``); granted at once, also store the run's Starting
+        snapshot (``request.starting``) with ``dequeued_at`` the grant's time.
+
+        A snapshot that cannot be written never costs the run its slot: the answer says it
+        is not recorded, and the run writes it itself (and logs if that fails too).
+        """
+        answer = await acquire_slot(request)
+        if answer.granted_at is None or request.starting is None:
+            return answer
+        run = request.starting.run.model_copy(update={"dequeued_at": answer.granted_at})
+        starting = request.starting.model_copy(update={"run": run})
+        try:
+            await in_thread(lambda: self._store.record_run(starting))
+        except Exception as err:  # noqa: BLE001 - the grant stands; the run writes it
+            activity.logger.warning("Starting snapshot of %s not stored: %s", run.run_id, err)
+            return answer
+        return answer.model_copy(update={"recorded": True})
 
     @activity.defn(name="report_run")
     async def report_run(self, request: ReportRunInput) -> ReportRunResult:
@@ -57,3 +89,7 @@ class RunReporter:
             # Last, once everything else is said: a retried attempt never queues it twice.
             self._telemetry.submit(TelemetryEvent(run=request.record.run))
         return ReportRunResult(record=record, deliveries=deliveries)
+
+    def all(self) -> list[Callable[..., Any]]:
+        """The run's two reporting local activities, for the workflow worker."""
+        return [self.request_slot, self.report_run]

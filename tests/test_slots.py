@@ -13,7 +13,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
-from activities.control import request_slot
+from activities.control import acquire_slot
 from starter import jobs
 from tests.builders import account, job, wait_for, wait_run
 from tests.conftest import fresh_queues, running_stack, temporal_cli, unique
@@ -201,11 +201,11 @@ async def test_a_free_slot_is_granted_in_the_answer_and_a_repeat_is_answered_the
     client, acct = dev_env.client, unique("acquire")
     requester = ActivityEnvironment(client=client)
     async with running_stack(client, fake_dbt, which=("workflows",)) as queues:
-        first = await requester.run(request_slot, _acquire(acct, queues, "r1", 2))
-        second = await requester.run(request_slot, _acquire(acct, queues, "r2", 2))
-        third = await requester.run(request_slot, _acquire(acct, queues, "r3", 2))
-        again = await requester.run(request_slot, _acquire(acct, queues, "r1", 2))
-        queued_again = await requester.run(request_slot, _acquire(acct, queues, "r3", 2))
+        first = await requester.run(acquire_slot, _acquire(acct, queues, "r1", 2))
+        second = await requester.run(acquire_slot, _acquire(acct, queues, "r2", 2))
+        third = await requester.run(acquire_slot, _acquire(acct, queues, "r3", 2))
+        again = await requester.run(acquire_slot, _acquire(acct, queues, "r1", 2))
+        queued_again = await requester.run(acquire_slot, _acquire(acct, queues, "r3", 2))
         state = await jobs.describe_slots(client, acct)
         events = await _slots_events(client, acct)
     assert first.granted_at is not None and second.granted_at is not None
@@ -232,7 +232,7 @@ async def test_a_request_the_slots_workflow_cannot_answer_in_time_goes_by_signal
     requester = ActivityEnvironment(client=client)
     queues = fresh_queues()  # nobody polls them yet
     answers = await asyncio.gather(
-        *(requester.run(request_slot, _acquire(acct, queues, f"r{n}", 2)) for n in range(3))
+        *(requester.run(acquire_slot, _acquire(acct, queues, f"r{n}", 2)) for n in range(3))
     )
     assert [a.granted_at for a in answers] == [None, None, None]  # queued, by signal
     events = await _slots_events(client, acct)
@@ -264,7 +264,7 @@ async def test_a_request_with_an_absurd_lease_cannot_stop_the_semaphore(
     client, acct = dev_env.client, unique("lease")
     requester = ActivityEnvironment(client=client)
     async with running_stack(client, fake_dbt, which=("workflows",)) as queues:
-        first = await requester.run(request_slot, _acquire(acct, queues, "r0", 1))
+        first = await requester.run(acquire_slot, _acquire(acct, queues, "r0", 1))
         assert first.granted_at is not None
         absurd = SlotRequest(request_id="r1", workflow_id="gone-r1", lease=timedelta.max)
         handle = client.get_workflow_handle(c.slots_workflow_id(acct))
@@ -272,7 +272,7 @@ async def test_a_request_with_an_absurd_lease_cannot_stop_the_semaphore(
         await handle.signal(c.SIGNAL_SLOT_RELEASE, SlotRelease(request_id="r0"))
         # r1 is granted (its requester is gone, so the slot is freed again): r2 gets it.
         await wait_for(lambda: _granted(client, acct, 2), what="r1 granted and freed")
-        last = await requester.run(request_slot, _acquire(acct, queues, "r2", 1))
+        last = await requester.run(acquire_slot, _acquire(acct, queues, "r2", 1))
     assert last.granted_at is not None
 
 

@@ -89,11 +89,11 @@ def build_workers(
                     *CONTROL_ACTIVITIES,
                     *StoreActivities(pools.store).all(),
                     publisher.publish_run_event,
-                    RunReporter(
+                    *RunReporter(
                         pools.store,
                         publisher,
                         pools.telemetry_queue or TelemetryQueue(pools.telemetry),
-                    ).report_run,
+                    ).all(),
                 ],
                 workflow_runner=workflow_runner(),
                 max_cached_workflows=max_cached_workflows,

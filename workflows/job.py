@@ -8,7 +8,8 @@ also checks on its runs in flight as often as the slots reaper does, so a run *t
 from the CLI (which cannot signal) still frees the job's queue and triggers the jobs that
 run on its completion. Signals never raise: a message the job cannot use is logged and
 kept in a small ``rejected`` list. Updates validate first,
-so a bad trigger is refused before it touches history.
+so a bad trigger is refused before it touches history. The job waits on one durable timer
+(next cron tick, queue deadline, check on runs), kept across wake-ups that do not move it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class JobWorkflow:
         self._saved_version = 0 if self.st.store_id is not None else -1
         self._api_fields: dict[str, Any] | None = None  # to save with the next job write
         self._store_retry_at: datetime | None = None
+        self._timer: asyncio.Task[None] | None = None  # the one durable timer (``_wait``)
+        self._timer_at: datetime | None = None
 
     @workflow.run
     async def run(self, inp: JobWorkflowInput) -> None:
@@ -112,6 +115,7 @@ class JobWorkflow:
             await self._check_orphans()
             if self.st.deleted and not self.st.in_flight and not self.st.pending_records:
                 await workflow.wait_condition(workflow.all_handlers_finished)
+                await self._drop_timer()
                 # Complete in a later workflow task than the one that accepted the delete:
                 # if the server refuses a completing task (a signal arrived meanwhile), an
                 # update accepted in that same task would be lost with it.
@@ -121,15 +125,50 @@ class JobWorkflow:
             if workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if not self._dirty and not self._cancels:
+                    await self._drop_timer()
                     self._continue_as_new()
-            deadline = self._next_wakeup()
-            timeout = None if deadline is None else max(deadline - workflow.now(), MIN_WAIT)
-            with contextlib.suppress(TimeoutError):
-                await workflow.wait_condition(
-                    lambda: self._dirty or workflow.info().is_continue_as_new_suggested(),
-                    timeout=timeout,
-                    timeout_summary="next cron tick / queue deadline",
+            await self._wait(self._next_wakeup())
+
+    async def _wait(self, deadline: datetime | None) -> None:
+        """Until a message sets ``_dirty``, or until ``deadline`` (the next cron tick, queue
+        deadline, check on runs in flight or store retry).
+
+        One durable timer, kept across wake-ups while the deadline stays the same: a
+        trigger or a signal that does not move it costs no timer events (re-arming costs a
+        cancel and a start, two events, on every wake-up). A deadline that moved, either
+        way, gets a new timer: an earlier one must not be missed, and a later one would
+        otherwise cost a useless wake-up (four events) instead of a cancel (one).
+        """
+        if self._timer is not None and (self._timer.done() or self._timer_at != deadline):
+            await self._drop_timer()
+        if self._timer is None and deadline is not None:
+            self._timer_at = deadline
+            self._timer = asyncio.create_task(
+                workflow.sleep(
+                    max(deadline - workflow.now(), MIN_WAIT),
+                    summary="next cron tick / queue deadline / check on runs",
                 )
+            )
+        timer = self._timer
+        await workflow.wait_condition(
+            lambda: (
+                self._dirty
+                or workflow.info().is_continue_as_new_suggested()
+                or (timer is not None and timer.done())
+            )
+        )
+
+    async def _drop_timer(self) -> None:
+        """Cancel the pending timer and wait for the cancel to be issued, so the workflow
+        never completes or continues as new with a timer still open: the commands a
+        workflow task sends must not depend on when a cancelled task next runs."""
+        timer, self._timer, self._timer_at = self._timer, None, None
+        if timer is None:
+            return
+        if not timer.done():
+            timer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await timer
 
     def _continue_as_new(self) -> None:
         self.st.generation += 1

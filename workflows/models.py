@@ -573,6 +573,9 @@ class SlotAnswer(WireModel):
     grant then comes by the ``slot_granted`` signal)."""
 
     granted_at: datetime | None = None
+    recorded: bool = False
+    """The request's ``starting`` snapshot is in the run store (written by the same local
+    activity, after the grant)."""
 
 
 class SlotHolder(WireModel):
@@ -610,6 +613,10 @@ class SlotsStartRequest(WireModel):
     reap_interval: timedelta
     request: SlotRequest
     workflow_task_queue: str = "runslot-workflows"
+    starting: RecordRunInput | None = None
+    """The run's Starting snapshot: written to the run store by the same local activity
+    when the slot is granted in the answer, with ``dequeued_at`` the grant's time (one
+    marker in the run's history where the grant and the snapshot were two)."""
 
 
 class Resize(StrictModel):

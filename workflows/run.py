@@ -13,9 +13,10 @@ The run timeout is a deadline, not a timer: prep's schedule-to-close ends by it,
 step is stopped at it (``StepInput.deadline``, enforced around every executor) with
 schedule-to-close backstops.
 
-History budget (tests/test_history_budget.py): a one-step run is 23 events when a slot is
+History budget (tests/test_history_budget.py): a one-step run is 22 events when a slot is
 free (62 before issue 6): its request is an update the slots workflow answers at once, so
-no queue-wait timer and no grant signal unless it must wait. At its first step and at its
+no queue-wait timer and no grant signal unless it must wait, and the same local activity
+(``request_slot``) stores the Starting snapshot when granted. At its first step and at its
 end the run reports once (local activity ``report_run``: release, snapshot, job-completion
 triggers, the job's signal, webhook events, telemetry hand-off), a marker each.
 """
@@ -40,7 +41,7 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.artifacts import StepKey
-    from activities.control import request_slot, signal_workflow
+    from activities.control import signal_workflow
     from workflows import constants as c
     from workflows import policy
     from workflows.errors import MEMORY_LIMIT_MESSAGE, ErrorType
@@ -60,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         RunResult,
         RunStatus,
         SignalWorkflowInput,
+        SlotAnswer,
         SlotGrant,
         SlotRelease,
         SlotRequest,
@@ -85,6 +87,7 @@ class RunWorkflow:
         self._finishing = False
         self._main: asyncio.Task[RunResult] | None = None
         self._seq = 0  # run store snapshots written so far
+        self._starting_stored = False  # the slot request's answer wrote Starting
         self._cleaned_up = False  # the last step removed the workspace
         # The run's timeout as a moment, set when it leaves the queue. Enforced by the
         # activities (prep's schedule-to-close, the step's deadline), not by a timer.
@@ -157,11 +160,13 @@ class RunWorkflow:
         return self.r
 
     async def _start_and_execute(self, prepared: list[PreparedRun]) -> None:
-        self.r.dequeued_at = workflow.now()
+        # Wait time ends when the slot is granted (in the slots workflow's time).
+        self.r.dequeued_at = self.grant.granted_at if self.grant is not None else workflow.now()
         # No search attribute for Starting (prep is short; each upsert is an event and a
         # visibility write): RunslotStatus goes Queued → Running → the final status.
         self._set_status(RunStatus.STARTING, "preparing", search_attribute=False)
-        await self._store()
+        if not self._starting_stored:
+            await self._store()
         self._deadline = self.r.dequeued_at + self._run_timeout()
         await self._execute(prepared)
         if self._timed_out:
@@ -179,8 +184,11 @@ class RunWorkflow:
         account = self.inp.account
         lease = self._run_timeout() + c.SLOT_LEASE_GRACE
         workflow.set_current_details("waiting for a run slot")
+        # Granted at once, the same local activity writes the Starting snapshot (numbered
+        # now; unused if it is not written, as the store only wants them increasing).
+        starting = self.r.model_copy(update={"status": RunStatus.STARTING})
         answer = await workflow.execute_local_activity(
-            request_slot,
+            "request_slot",
             SlotsStartRequest(
                 account_id=account.account_id,
                 capacity=account.run_slots,
@@ -192,13 +200,18 @@ class RunWorkflow:
                     lease=lease,
                     requested_at=workflow.now(),
                 ),
+                starting=RecordRunInput(run=starting, seq=self._seq + 1),
             ),
+            result_type=SlotAnswer,
             start_to_close_timeout=c.LOCAL_ACTIVITY_TIMEOUT,
             retry_policy=c.CONTROL_RETRY,
+            summary="request a run slot",
         )
+        self._seq += 1
         if answer.granted_at is not None and self.grant is None:
             # Granted in the answer: no queue-wait timer, no signal, no workflow task.
             self.grant = SlotGrant(request_id=self.inp.run_id, granted_at=answer.granted_at)
+            self._starting_stored = answer.recorded
         if self.grant is not None:
             return True
         budget = account.max_queue_wait - (workflow.now() - self.inp.queued_at)
