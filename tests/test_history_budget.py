@@ -8,9 +8,7 @@ shows up here as a failed budget, with the event types to look at.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from collections.abc import Callable
 from datetime import timedelta
 
 from temporalio.api.enums.v1 import EventType
@@ -20,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from starter import jobs
-from tests.builders import account, job, wait_run
+from tests.builders import account, job, wait_for, wait_run
 from tests.conftest import running_stack, unique
 from tests.fakes import FakeDbtExecutor
 from worker.registry import WORKFLOWS, workflow_runner
@@ -109,7 +107,7 @@ async def test_a_job_keeps_its_timer_across_wake_ups_that_do_not_move_it(
         job_id = c.job_workflow_id(acct, "j")
         before = await _events(client, job_id)
         first = await jobs.trigger(client, acct, "j", TriggerRequest())
-        await _until(lambda: first.run_id in fake_dbt.running)
+        await wait_for(lambda: first.run_id in fake_dbt.running, what="the first step")
         # Two more while the first runs (API runs all queue, rule 3), then all three end.
         others = [await jobs.trigger(client, acct, "j", TriggerRequest()) for _ in range(2)]
         fake_dbt.open("held")
@@ -123,13 +121,6 @@ async def test_a_job_keeps_its_timer_across_wake_ups_that_do_not_move_it(
     assert added["WORKFLOW_TASK_COMPLETED"] >= 4, added
     assert added["TIMER_STARTED"] == 1, added
     assert added["TIMER_CANCELED"] == 1, added
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_job_that_continued_as_new_with_its_timer_armed_replays(
